@@ -1,0 +1,25 @@
+"""Build a controller by name for a traffic environment."""
+
+from __future__ import annotations
+
+from marlkd.errors import UserError
+from marlkd.teachers.base import Teacher
+
+CONTROLLERS = ("fixed", "max-pressure", "random")
+
+
+def make_controller(name: str, env, seed: int | None = None) -> Teacher:
+    """The rule-based controller ``name`` for the agents of ``env``."""
+    from marlkd.teachers.fixed_time import FixedTime
+    from marlkd.teachers.max_pressure import MaxPressure
+    from marlkd.teachers.random_policy import RandomController
+
+    if name == "fixed":
+        return FixedTime(env.specs, env.config.delta_time)
+    if name == "max-pressure":
+        return MaxPressure(env.specs)
+    if name == "random":
+        return RandomController(env.specs, seed)
+    raise UserError(
+        f"unknown controller '{name}': choose one of {', '.join(CONTROLLERS)}"
+    )
