@@ -134,6 +134,138 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_from_args(args: argparse.Namespace):
+    """The run configuration: preset, then scenario and other flags, then --set."""
+    from marlkd.config import load_config
+    from marlkd.envs.traffic.env import TrafficEnvConfig
+
+    overrides = []
+    if args.sumocfg:
+        overrides += ["scenario.name=null", f"scenario.sumocfg={args.sumocfg}"]
+    elif args.net or args.routes:
+        if not (args.net and args.routes):
+            raise UserError(
+                "--net and --routes go together: pass the network with --net and its"
+                " demand with --routes FILE[,FILE]"
+            )
+        routes = ",".join(f'"{r}"' for r in args.routes.split(",") if r)
+        overrides += [
+            "scenario.name=null",
+            f"scenario.net={args.net}",
+            f"scenario.routes=[{routes}]",
+        ]
+        for key in ("begin", "end"):
+            if getattr(args, key) is not None:
+                overrides.append(f"scenario.{key}={getattr(args, key)}")
+    elif args.scenario:
+        overrides.append(f"scenario.name={args.scenario}")
+    for key, value in overrides_from_args(args, TrafficEnvConfig).items():
+        overrides.append(f"env.{key}={json.dumps(value)}")
+    if getattr(args, "teacher", None):
+        overrides.append(f"teacher={args.teacher}")
+    if getattr(args, "method", None):
+        overrides.append(f"collect.method={args.method}")
+    overrides += args.set or []
+    return load_config(Path(args.config) if args.config else None, overrides)
+
+
+def prepare_run_dir(out: str | None, config, resume: bool) -> Path:
+    import time
+
+    if out is None:
+        if resume:
+            raise UserError("--resume needs --out RUN_DIR: the run folder to continue")
+        scenario = (
+            config.scenario.name
+            or Path(config.scenario.net or config.scenario.sumocfg).name.split(".")[0]
+        )
+        teacher = Path(config.teacher).stem
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = f"runs/{scenario}-{teacher}-{config.collect.method}-{stamp}"
+    run_dir = Path(out)
+    started = (run_dir / "progress.json").exists() or (run_dir / "dataset").exists()
+    if resume and not (run_dir / "config.yaml").exists():
+        raise UserError(f"{run_dir} holds no run to resume: drop --resume to start one")
+    if started and not resume:
+        raise UserError(
+            f"{run_dir} already holds a run: pass --resume to continue it, or choose"
+            " another --out"
+        )
+    return run_dir
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from marlkd.config import load_config
+    from marlkd.distill.dagger import distill
+    from marlkd.evaluate import evaluate_run
+
+    if args.resume and args.out:
+        config = load_config(Path(args.out) / "config.yaml")
+    else:
+        config = config_from_args(args)
+    run_dir = prepare_run_dir(args.out, config, args.resume)
+    distill(config, run_dir, resume=args.resume)
+    print(f"student written to {run_dir / 'checkpoints' / 'student.pt'}")
+    if args.eval:
+        report = evaluate_run(run_dir)
+        print(report["table"])
+        print(f"results in {run_dir / 'results.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from marlkd.evaluate import evaluate_run
+
+    report = evaluate_run(
+        Path(args.run_dir),
+        episodes=args.episodes,
+        demand_scale=args.demand_scale,
+        seed=args.seed,
+    )
+    print(
+        f"{report['scenario']}, demand x{report['demand_scale']:g}, "
+        f"seeds {report['seeds'][0]}-{report['seeds'][-1]}"
+    )
+    print(report["table"])
+    if args.json:
+        write_json(Path(args.json), {k: v for k, v in report.items() if k != "table"})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from marlkd.config import load_config, to_commented_yaml
+
+    config = load_config(Path(args.config) if args.config else None, args.set)
+    print(to_commented_yaml(config))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """MaxPressure teacher -> DAgger student -> evaluation, on the default scenario."""
+    from marlkd.config import load_config
+    from marlkd.distill.dagger import distill
+    from marlkd.evaluate import evaluate_run
+
+    config = load_config(None, args.set)
+    run_dir = prepare_run_dir(args.out, config, resume=False)
+    c = config.collect
+    print(
+        f"marlkd demo: distilling {config.teacher} into a {config.student.kind} "
+        f"student on {config.scenario.name} by {c.method} "
+        f"({c.iterations} rounds of {c.episodes_per_iteration} simulated hour)"
+    )
+    distill(config, run_dir)
+    report = evaluate_run(run_dir)
+    print(
+        f"\nheld-out seeds {report['seeds'][0]}-{report['seeds'][-1]} "
+        f"on {report['scenario']}:"
+    )
+    print(report["table"])
+    print(f"\nrun folder: {run_dir} (results.json, results.md, metrics.csv)")
+    return 0
+
+
 def write_json(path: Path, data) -> None:
     """Write JSON atomically: a reader sees the old file or the new, never half."""
     from marlkd.utils import atomic_write_text
@@ -180,6 +312,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="write per-episode and mean metrics to this file")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("distill", help="distil a teacher into decentralized students")
+    p.add_argument("--config", help="a YAML preset (see configs/); defaults otherwise")
+    add_scenario_args(p)
+    p.add_argument(
+        "--teacher", help="max-pressure, fixed, random, or a student checkpoint (.pt)"
+    )
+    p.add_argument("--method", choices=["bc", "dagger"], help="collection method")
+    p.add_argument("--out", help="run folder (default runs/<scenario>-<teacher>-...)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run in --out"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set train.epochs=20 (repeatable)",
+    )
+    p.add_argument(
+        "--eval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate the student on held-out seeds at the end (default on)",
+    )
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser(
+        "evaluate", help="compare teacher, student and baselines of a run"
+    )
+    p.add_argument("run_dir", help="the run folder written by `marlkd distill`")
+    p.add_argument("--episodes", type=int, help="episodes per controller")
+    p.add_argument(
+        "--demand-scale", type=float, help="scale the demand, e.g. 1.3 (unseen)"
+    )
+    p.add_argument("--seed", type=int, help="first held-out seed")
+    p.add_argument("--json", help="also write the results to this file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "config", help="print a run configuration as YAML, a comment on every key"
+    )
+    p.add_argument("--config", help="a YAML preset to start from")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key"
+    )
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "demo", help="the main job: MaxPressure -> DAgger student -> evaluation"
+    )
+    p.add_argument("--out", help="run folder (default runs/grid4x4-...)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key"
+    )
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -39,7 +39,12 @@ def run_episode(env, policy, seed: int, progress: bool = False) -> dict:
     needs_state = getattr(policy, "needs_state", False)
     observations, infos = env.reset(seed=seed)
     steps = int(round((env.end - env.begin) / env.config.delta_time)) - 1
-    bar = tqdm(total=steps, desc=f"seed {seed}", leave=False, disable=not progress)
+    bar = tqdm(
+        total=steps,
+        desc=f"seed {seed}",
+        leave=False,
+        disable=None if progress else True,
+    )
     while env.agents:
         masks = {a: infos[a]["action_mask"] for a in env.agents}
         state = env.state() if needs_state else None
@@ -70,7 +75,7 @@ def simulate(
         ``METRIC_KEYS`` in each episode and in the mean.
     """
     results = []
-    for k in tqdm(range(episodes), desc="episodes", disable=not progress):
+    for k in tqdm(range(episodes), desc="episodes", disable=None if progress else True):
         result = run_episode(env, policy, seed + k, progress=progress)
         logger.info(
             "seed %d: avg_delay_s=%.2f throughput_veh=%d",
@@ -105,3 +110,198 @@ def _cell(value) -> str:
     if isinstance(value, float | np.floating) and not float(value).is_integer():
         return f"{value:.2f}"
     return f"{value:g}" if isinstance(value, float | np.floating) else str(value)
+
+
+# ---------------------------------------------------------------- run folders
+TABLE_KEYS = (
+    *METRIC_KEYS,
+    "delay_vs_teacher",
+    "agreement",
+    "parameters",
+    "latency_one_us",
+    "latency_batch_per_agent_us",
+)
+
+
+class AgreementProbe:
+    """Wraps a policy and counts how often it picks one of the teacher's best.
+
+    Only decisions where an agent had a choice (two or more allowed actions)
+    count; an action that ties with the teacher's best score agrees.
+    """
+
+    def __init__(self, policy, teacher):
+        self.policy = policy
+        self.teacher = teacher
+        self.needs_state = getattr(teacher, "needs_state", False)
+        self.agreed = 0
+        self.decisions = 0
+
+    def reset(self) -> None:
+        for p in (self.policy, self.teacher):
+            if hasattr(p, "reset"):
+                p.reset()
+
+    def __call__(self, observations, masks, state=None):
+        actions = self.policy(observations, masks, state)
+        label = self.teacher.act(observations, masks, state)
+        for agent, action in actions.items():
+            mask = np.asarray(masks[agent], dtype=bool)
+            if mask.sum() < 2:
+                continue
+            scores = np.where(mask, label.scores[agent], -np.inf)
+            best = scores.max()
+            self.decisions += 1
+            self.agreed += int(scores[action] >= best - 1e-6 * max(1.0, abs(best)))
+        return actions
+
+    @property
+    def agreement(self) -> float:
+        return self.agreed / self.decisions if self.decisions else float("nan")
+
+
+def decision_latency_us(policy, observations, masks, repeats: int = 300) -> dict:
+    """Median wall time of one decision, in microseconds.
+
+    ``latency_one_us`` is one agent alone; ``latency_batch_per_agent_us`` is a
+    decision for all agents at once divided by their number.
+    """
+    import time
+
+    def median_us(obs, msk):
+        policy(obs, msk)  # warm up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            policy(obs, msk)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times) * 1e6)
+
+    first = next(iter(observations))
+    one = median_us({first: observations[first]}, {first: masks[first]})
+    batch = median_us(observations, masks) / len(observations)
+    return {"latency_one_us": one, "latency_batch_per_agent_us": batch}
+
+
+def evaluate_run(
+    run_dir,
+    *,
+    episodes: int | None = None,
+    demand_scale: float | None = None,
+    seed: int | None = None,
+    controllers: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Teacher, student and baselines of a run on held-out seeds.
+
+    Writes ``results.json`` and ``results.md`` into the run folder (or, when
+    the demand is scaled, ``results-demand<X>.json``/``.md``) and returns the
+    results.
+    """
+    from pathlib import Path
+
+    from marlkd.config import load_config
+    from marlkd.envs.traffic.env import TrafficSignalEnv
+    from marlkd.errors import UserError
+    from marlkd.rollout.batching import AgentBatcher
+    from marlkd.students import AgentLayout
+    from marlkd.students.checkpoint import check_layout, load_student
+    from marlkd.students.policy import StudentPolicy
+    from marlkd.teachers.registry import make_controller, make_teacher
+    from marlkd.utils import atomic_write_text
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise UserError(
+            f"{run_dir} is not a marlkd run folder (no config.yaml): pass the --out "
+            "folder of `marlkd distill`"
+        )
+    checkpoint = run_dir / "checkpoints" / "student.pt"
+    if not checkpoint.exists():
+        raise UserError(
+            f"{checkpoint} not found: the run has not finished a round; resume it "
+            "with `marlkd distill --resume --out RUN_DIR`"
+        )
+    config = load_config(run_dir / "config.yaml")
+    if demand_scale is not None:
+        config.env.demand_scale = demand_scale
+        config.env.validate()
+    episodes = episodes or config.eval.episodes
+    seed = config.eval.seed if seed is None else seed
+    names = list(controllers or config.eval.controllers)
+
+    env = TrafficSignalEnv(config.scenario.build(), config.env)
+    try:
+        layout = AgentLayout.from_traffic_specs(env.specs, config.env.max_green)
+        student = load_student(checkpoint)
+        check_layout(student.layout, layout)
+        batcher = AgentBatcher(
+            env.possible_agents, layout.max_obs_size, layout.max_actions
+        )
+        teacher = make_teacher(config.teacher, env)
+        policies = {
+            "teacher": teacher,
+            "student": StudentPolicy(student, batcher),
+        }
+        observations, infos = env.reset(seed=seed)
+        masks = {a: infos[a]["action_mask"] for a in env.agents}
+
+        results = {}
+        for name in names:
+            if name in policies:
+                policy = policies[name]
+            else:
+                policy = make_controller(name, env, seed=seed)
+            if name == "student":
+                probe = AgreementProbe(policy, teacher)
+                outcome = simulate(
+                    env, probe, episodes=episodes, seed=seed, progress=progress
+                )
+                outcome["mean"]["agreement"] = probe.agreement
+            else:
+                outcome = simulate(
+                    env, policy, episodes=episodes, seed=seed, progress=progress
+                )
+            entry = {"controller": getattr(policy, "name", name), **outcome}
+            entry["mean"]["parameters"] = _parameters(policy)
+            entry["mean"].update(decision_latency_us(policy, observations, masks))
+            results[name] = entry
+    finally:
+        env.close()
+
+    if "teacher" in results:
+        teacher_delay = results["teacher"]["mean"]["avg_delay_s"]
+        for entry in results.values():
+            entry["mean"]["delay_vs_teacher"] = (
+                entry["mean"]["avg_delay_s"] / teacher_delay
+            )
+
+    report = {
+        "run": str(run_dir),
+        "scenario": env.scenario.name,
+        "teacher": config.teacher,
+        "demand_scale": config.env.demand_scale,
+        "seeds": list(range(seed, seed + episodes)),
+        "controllers": results,
+    }
+    suffix = "" if demand_scale is None else f"-demand{config.env.demand_scale:g}"
+    table = format_table([(k, v["mean"]) for k, v in results.items()], TABLE_KEYS)
+    import json
+
+    atomic_write_text(
+        run_dir / f"results{suffix}.json", json.dumps(report, indent=2, default=float)
+    )
+    atomic_write_text(
+        run_dir / f"results{suffix}.md",
+        f"# {env.scenario.name}, demand x{config.env.demand_scale:g}, seeds "
+        f"{seed}-{seed + episodes - 1}\n\n{table}\n",
+    )
+    report["table"] = table
+    return report
+
+
+def _parameters(policy) -> int:
+    network = getattr(policy, "student", None)
+    if network is None:
+        return 0
+    return int(sum(p.numel() for p in network.parameters()))

@@ -38,6 +38,17 @@ def observation(spec, phase, green_time, in_queue, out_queue):
     return obs
 
 
+def expected_scores(pressure, current):
+    """Pressure, +0.5 for the current phase, +0.2 tanh(count pressure / 20).
+
+    In these observations every vehicle is queued, so counts equal queues.
+    """
+    pressure = np.asarray(pressure, dtype=float)
+    scores = pressure + 0.2 * np.tanh(pressure / 20)
+    scores[current] += 0.5
+    return scores
+
+
 def test_highest_pressure_phase_wins():
     spec = make_spec()
     teacher = MaxPressure({"C": spec})
@@ -45,7 +56,7 @@ def test_highest_pressure_phase_wins():
     # phase 0: (4 - 0) + (3 - 1) = 6; phase 1: (5 - 4) + (2 - 0) = 3.
     obs = observation(spec, 1, 20, in_queue=[4, 3, 5, 2], out_queue=[0, 1, 4, 0])
     out = teacher.act({"C": obs}, {"C": np.array([1, 1])})
-    np.testing.assert_allclose(out.scores["C"], [6.0, 3.0])
+    np.testing.assert_allclose(out.scores["C"], expected_scores([6, 3], 1), rtol=1e-6)
     assert out.actions["C"] == 0
 
 
@@ -55,7 +66,7 @@ def test_outgoing_queue_lowers_pressure():
     # The N-S approaches are long but their exits are blocked.
     obs = observation(spec, 0, 20, in_queue=[6, 6, 2, 2], out_queue=[8, 8, 0, 0])
     out = teacher.act({"C": obs}, {"C": np.array([1, 1])})
-    np.testing.assert_allclose(out.scores["C"], [-4.0, 4.0])
+    np.testing.assert_allclose(out.scores["C"], expected_scores([-4, 4], 0), rtol=1e-6)
     assert out.actions["C"] == 1
 
 
@@ -66,6 +77,28 @@ def test_min_green_mask_is_respected_and_ties_keep_the_phase():
     assert teacher.act({"C": obs}, {"C": np.array([0, 1])}).actions["C"] == 1
     tie = observation(spec, 1, 20, in_queue=[1, 1, 1, 1], out_queue=[0, 0, 0, 0])
     assert teacher.act({"C": tie}, {"C": np.array([1, 1])}).actions["C"] == 1
+
+
+def test_count_pressure_breaks_ties_only():
+    spec = make_spec()
+    teacher = MaxPressure({"C": spec})
+    sl = spec.obs_slices()
+    # Queue pressures tie at 2 and 2; E-W carries more moving vehicles.
+    obs = observation(spec, 0, 20, in_queue=[1, 1, 1, 1], out_queue=[0, 0, 0, 0])
+    obs[sl["in_count_veh"]] = [1, 1, 6, 6]
+    scores = teacher.act({"C": obs}, {"C": np.array([1, 1])}).scores["C"]
+    # count pressures: phase 0 = 1 + 1 = 2, phase 1 = 6 + 6 = 12
+    expected = [2 + 0.2 * np.tanh(2 / 20) + 0.5, 2 + 0.2 * np.tanh(12 / 20)]
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    # Current phase 0 keeps on the queue tie; masked out, phase 1 is chosen.
+    assert teacher.act({"C": obs}, {"C": np.array([1, 1])}).actions["C"] == 0
+    assert teacher.act({"C": obs}, {"C": np.array([0, 1])}).actions["C"] == 1
+    # A whole vehicle of queue pressure outweighs any count difference and the
+    # current phase's half vehicle.
+    obs = observation(spec, 1, 20, in_queue=[2, 1, 1, 1], out_queue=[0, 0, 0, 0])
+    obs[sl["in_count_veh"]] = [2, 1, 60, 60]
+    out = teacher.act({"C": obs}, {"C": np.array([1, 1])})
+    assert out.actions["C"] == 0
 
 
 def test_fixed_time_replays_the_programmed_split():

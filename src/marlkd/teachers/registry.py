@@ -23,3 +23,24 @@ def make_controller(name: str, env, seed: int | None = None) -> Teacher:
     raise UserError(
         f"unknown controller '{name}': choose one of {', '.join(CONTROLLERS)}"
     )
+
+
+def make_teacher(spec: str, env, seed: int | None = None) -> Teacher:
+    """A rule-based controller by name, or a trained network from a checkpoint.
+
+    A path ending in ``.pt`` (or any existing file) is loaded as a student
+    checkpoint; its agents and sizes must fit the environment's.
+    """
+    from pathlib import Path
+
+    if spec in CONTROLLERS:
+        return make_controller(spec, env, seed)
+    path = Path(spec)
+    if path.suffix == ".pt" or path.exists():
+        from marlkd.teachers.network import NetworkTeacher
+
+        return NetworkTeacher.from_checkpoint(path, env)
+    raise UserError(
+        f"unknown teacher '{spec}': choose one of {', '.join(CONTROLLERS)} or pass "
+        "a student checkpoint (.pt)"
+    )

@@ -1,0 +1,247 @@
+"""The typed configuration of a distillation run, with YAML load and save.
+
+The dataclasses below are the schema: every key of a YAML preset in
+``configs/`` is a field here, and its help is the field's description. Any key
+can be overridden on the command line with ``--set section.key=value``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from marlkd.envs.traffic.env import TrafficEnvConfig
+from marlkd.errors import UserError
+from marlkd.schema import from_dict, option, to_dict
+
+
+@dataclass
+class ScenarioConfig:
+    """Which network and demand to simulate."""
+
+    name: str | None = option(
+        "grid4x4", "built-in scenario (see `marlkd scenarios`); unset with net/sumocfg"
+    )
+    net: str | None = option(None, "a SUMO network file of your own (.net.xml)")
+    routes: list[str] = option([], "route files for `net`")
+    begin: float | None = option(None, "simulation start in seconds, for `net`")
+    end: float | None = option(None, "simulation end in seconds, for `net`")
+    sumocfg: str | None = option(None, "a SUMO configuration file (.sumocfg)")
+
+    def build(self):
+        """The scenario these settings name."""
+        from marlkd.envs.traffic import scenarios
+
+        if self.sumocfg:
+            return scenarios.scenario_from_sumocfg(Path(self.sumocfg))
+        if self.net:
+            if not self.routes:
+                raise UserError(
+                    "scenario.net is set but scenario.routes is empty: give the"
+                    " demand with --routes FILE[,FILE]"
+                )
+            routes = [Path(r) for r in self.routes]
+            return scenarios.user_scenario(Path(self.net), routes, self.begin, self.end)
+        return scenarios.get_scenario(self.name or "grid4x4")
+
+
+@dataclass
+class StudentConfig:
+    """The student network."""
+
+    kind: str = option(
+        "phase",
+        "phase: one small network scores every phase from its movements, so any "
+        "intersection fits; mlp: a plain MLP on the padded observation",
+    )
+    hidden: list[int] = option([64, 64], "sizes of the hidden layers")
+    shared: bool = option(
+        True, "one network for all agents (true) or one per agent (false, mlp only)"
+    )
+    agent_embedding: int = option(
+        0, "size of a learned per-agent embedding added to the input; 0 for none"
+    )
+
+
+@dataclass
+class LossConfig:
+    """Weights of the distillation loss terms; a zero weight turns a term off."""
+
+    kl: float = option(1.0, "KL to the teacher's softened scores (Hinton et al.)")
+    ce: float = option(0.0, "cross-entropy on the teacher's chosen action")
+    mse: float = option(0.0, "mean squared error on the teacher's scores")
+    feature: float = option(0.0, "feature matching through a learned projection")
+    temperature: float = option(
+        1.0, "softmax temperature of the KL term; small values sharpen the teacher"
+    )
+
+
+@dataclass
+class CollectConfig:
+    """How labelled data is gathered."""
+
+    method: str = option(
+        "dagger",
+        "bc: the teacher drives every episode; dagger: the student drives with "
+        "probability 1 - beta and the teacher labels every visited state",
+    )
+    iterations: int = option(3, "collection rounds; each adds episodes and retrains")
+    episodes_per_iteration: int = option(1, "simulated episodes per round")
+    beta: float = option(1.0, "probability the teacher acts, in the first round")
+    beta_schedule: str = option(
+        "linear",
+        "how beta falls over rounds: linear (to beta_final), exponential "
+        "(times beta_decay each round) or constant",
+    )
+    beta_final: float = option(0.0, "beta in the last round, for the linear schedule")
+    beta_decay: float = option(0.5, "factor per round, for the exponential schedule")
+    seed: int = option(0, "seed of the first training episode; then +1 each")
+
+    def beta_at(self, iteration: int) -> float:
+        """β of a round: the chance that the teacher, not the student, acts."""
+        if self.method == "bc":
+            return 1.0
+        if self.beta_schedule == "constant" or self.iterations <= 1:
+            return self.beta
+        if self.beta_schedule == "exponential":
+            return self.beta * self.beta_decay**iteration
+        fraction = iteration / (self.iterations - 1)
+        return self.beta + (self.beta_final - self.beta) * fraction
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation of the student."""
+
+    epochs: int = option(40, "most passes over the aggregated data per round")
+    batch_size: int = option(256, "samples per minibatch")
+    lr: float = option(3e-3, "AdamW learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    val_fraction: float = option(0.1, "share of the data held out for validation")
+    patience: int = option(
+        6, "stop a round after this many epochs without a better validation loss"
+    )
+    seed: int = option(0, "seed of initialisation and minibatch order")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on held-out seeds."""
+
+    episodes: int = option(5, "episodes per controller")
+    seed: int = option(
+        10_000, "seed of the first evaluation episode; far from training seeds"
+    )
+    controllers: list[str] = option(
+        ["teacher", "student", "fixed", "random"], "controllers to compare"
+    )
+
+
+@dataclass
+class RunConfig:
+    """Everything a distillation run needs; saved resolved in its folder."""
+
+    scenario: ScenarioConfig = option(ScenarioConfig(), "network and demand")
+    env: TrafficEnvConfig = option(TrafficEnvConfig(), "environment settings")
+    teacher: str = option(
+        "max-pressure", "a rule-based controller's name or a student checkpoint"
+    )
+    student: StudentConfig = option(StudentConfig(), "the student network")
+    loss: LossConfig = option(LossConfig(), "distillation loss terms")
+    collect: CollectConfig = option(CollectConfig(), "data collection")
+    train: TrainConfig = option(TrainConfig(), "optimisation")
+    eval: EvalConfig = option(EvalConfig(), "evaluation on held-out seeds")
+
+    def validate(self) -> None:
+        self.env.validate()
+        if self.collect.method not in ("bc", "dagger"):
+            raise UserError(
+                f"collect.method is '{self.collect.method}': choose bc or dagger"
+            )
+        if self.collect.beta_schedule not in ("linear", "exponential", "constant"):
+            raise UserError(
+                f"collect.beta_schedule is '{self.collect.beta_schedule}': choose "
+                "linear, exponential or constant"
+            )
+        if self.collect.iterations < 1 or self.collect.episodes_per_iteration < 1:
+            raise UserError(
+                "collect.iterations and episodes_per_iteration must be >= 1"
+            )
+        if not 0.0 < self.train.val_fraction < 0.5:
+            raise UserError("train.val_fraction must lie between 0 and 0.5")
+        if self.loss.temperature <= 0:
+            raise UserError("loss.temperature must be above 0")
+        weights = (self.loss.kl, self.loss.ce, self.loss.mse, self.loss.feature)
+        if any(w < 0 for w in weights) or not any(weights):
+            raise UserError(
+                "loss weights must be >= 0 and at least one above 0 (kl, ce, mse,"
+                " feature)"
+            )
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML preset (or the defaults) and apply ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"config file {path} not found: pass an existing YAML file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise UserError(
+                f"config file {path} is not valid YAML{where}: fix it"
+            ) from exc
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections")
+    for item in overrides or []:
+        apply_override(data, item)
+    config = from_dict(RunConfig, data)
+    config.validate()
+    return config
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set ``section.key=value`` in nested ``data``; the value is read as YAML."""
+    if "=" not in item:
+        raise UserError(f"override '{item}' lacks '=': write it as section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"override '{item}' has a value YAML cannot read") from exc
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{item}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    from marlkd.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def to_commented_yaml(config, indent: int = 0) -> str:
+    """YAML of ``config`` with each key's help as a comment above it."""
+    import dataclasses
+
+    lines = []
+    pad = "  " * indent
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        lines.append(f"{pad}# {f.metadata.get('help', '')}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            lines.append(to_commented_yaml(value, indent + 1))
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
+            lines.append(f"{pad}{f.name}: {text.removesuffix('...').strip()}")
+    return "\n".join(lines)

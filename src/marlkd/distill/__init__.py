@@ -1,0 +1,1 @@
+"""Distillation: losses, datasets, the DAgger loop and the trainer."""

@@ -1,0 +1,199 @@
+"""Distillation by behaviour cloning and DAgger (Ross, Gordon & Bagnell, 2011).
+
+Round k:
+
+1. collect: run ``episodes_per_iteration`` episodes in which each agent takes
+   the teacher's action with probability β_k and the student's otherwise; the
+   teacher labels every state visited, whoever acted;
+2. aggregate: add the round's samples to those of all earlier rounds;
+3. train: fit the student to the aggregate with the weighted distillation loss.
+
+With β_k = 1 in every round this is behaviour cloning on the teacher's own
+state distribution; DAgger lowers β so the student also learns what to do in
+the states its own mistakes lead to.
+
+Everything a round produces is on disk before the next begins (dataset round,
+student checkpoint, ``progress.json``), so ``resume`` picks up an interrupted
+run where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from marlkd.config import RunConfig, save_config
+from marlkd.distill.dataset import DatasetFolder, Transitions
+from marlkd.distill.losses import DistillationLoss
+from marlkd.distill.trainer import Trainer
+from marlkd.envs.traffic.env import TrafficSignalEnv
+from marlkd.rollout.batching import AgentBatcher
+from marlkd.rollout.local import LocalCollector
+from marlkd.students import AgentLayout, make_student
+from marlkd.students.checkpoint import save_student
+from marlkd.students.policy import StudentPolicy
+from marlkd.teachers.registry import make_teacher
+from marlkd.tracking import MetricWriter
+from marlkd.utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def build_student(config: RunConfig, layout: AgentLayout) -> torch.nn.Module:
+    torch.manual_seed(config.train.seed)
+    s = config.student
+    return make_student(
+        s.kind,
+        layout,
+        hidden=tuple(s.hidden),
+        shared=s.shared,
+        agent_embedding=s.agent_embedding,
+    )
+
+
+def distill(
+    config: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True
+) -> torch.nn.Module:
+    """Run the collection and training rounds of ``config`` in ``run_dir``.
+
+    Returns:
+        The trained student; its checkpoint is ``run_dir/checkpoints/student.pt``.
+    """
+    run_dir = Path(run_dir)
+    save_config(config, run_dir / "config.yaml")
+    logger.info("run folder %s", run_dir)
+    logger.info("resolved config:\n%s", (run_dir / "config.yaml").read_text())
+    progress_path = run_dir / "progress.json"
+    state = (
+        json.loads(progress_path.read_text())
+        if resume and progress_path.exists()
+        else {}
+    )
+    rounds_done = int(state.get("rounds_done", 0))
+
+    env = TrafficSignalEnv(config.scenario.build(), config.env)
+    writer = MetricWriter(run_dir)
+    try:
+        layout = AgentLayout.from_traffic_specs(env.specs, config.env.max_green)
+        batcher = AgentBatcher(
+            env.possible_agents, layout.max_obs_size, layout.max_actions
+        )
+        teacher = make_teacher(config.teacher, env)
+        student = build_student(config, layout)
+        student_path = run_dir / "checkpoints" / "student.pt"
+        if rounds_done and student_path.exists():
+            from marlkd.students.checkpoint import load_student
+
+            student.load_state_dict(load_student(student_path).state_dict())
+
+        loss = DistillationLoss(
+            weights={
+                "kl": config.loss.kl,
+                "ce": config.loss.ce,
+                "mse": config.loss.mse,
+                "feature": config.loss.feature,
+            },
+            temperature=config.loss.temperature,
+            student_dim=student.feature_dim,
+            teacher_dim=_teacher_feature_dim(teacher, env),
+        )
+        trainer = Trainer(
+            student, loss, config.train, run_dir / "checkpoints" / "round.pt", writer
+        )
+        trainer.global_epoch = int(state.get("global_epoch", 0))
+        dataset = DatasetFolder(run_dir / "dataset")
+        dataset.write_meta(
+            {
+                "agents": env.possible_agents,
+                "obs_size": layout.max_obs_size,
+                "num_actions": layout.max_actions,
+                "teacher": config.teacher,
+                "scenario": env.scenario.name,
+            }
+        )
+        collector = LocalCollector(env, teacher, batcher)
+        policy = StudentPolicy(student, batcher)
+        c = config.collect
+        parts: list[Transitions] = [dataset.load_round(k) for k in range(rounds_done)]
+
+        for k in range(rounds_done, c.iterations):
+            # collect: the first round, and every round of bc, is teacher-driven
+            beta = c.beta_at(k)
+            seeds = [
+                c.seed + k * c.episodes_per_iteration + j
+                for j in range(c.episodes_per_iteration)
+            ]
+            if dataset.has_round(k):
+                data = dataset.load_round(k)
+                logger.info("round %d: reusing %d collected samples", k, len(data))
+            else:
+                behaviour = None if k == 0 or beta >= 1.0 else policy
+                rng = np.random.default_rng([c.seed, k])
+                started = time.perf_counter()
+                data, episodes = collector.collect(
+                    behaviour, beta, seeds, k, rng, progress=progress
+                )
+                dataset.save_round(k, data)
+                writer.log(
+                    trainer.global_epoch,
+                    {
+                        "collect/round": k,
+                        "collect/beta": beta,
+                        "collect/samples": len(data),
+                        "collect/episodes": (k + 1) * c.episodes_per_iteration,
+                        "collect/behaviour_avg_delay_s": float(
+                            np.mean([e["avg_delay_s"] for e in episodes])
+                        ),
+                        "timers/collect_s": time.perf_counter() - started,
+                    },
+                )
+                logger.info(
+                    "round %d: beta=%.2f, %d samples, behaviour delay %.1f s",
+                    k,
+                    beta,
+                    len(data),
+                    np.mean([e["avg_delay_s"] for e in episodes]),
+                )
+            parts.append(data)
+
+            # train on the aggregate of every round so far
+            started = time.perf_counter()
+            fit = trainer.fit(Transitions.concat(parts), k, progress=progress)
+            writer.log(
+                trainer.global_epoch,
+                {
+                    "distill/best_val_loss": fit.best_val_loss,
+                    "distill/round_val_agreement": fit.val_agreement,
+                    "timers/train_s": time.perf_counter() - started,
+                },
+            )
+            logger.info(
+                "round %d: %d epochs, val loss %.4f, val agreement %.3f",
+                k,
+                fit.epochs,
+                fit.best_val_loss,
+                fit.val_agreement,
+            )
+            save_student(student, student_path)
+            atomic_write_text(
+                progress_path,
+                json.dumps(
+                    {"rounds_done": k + 1, "global_epoch": trainer.global_epoch}
+                ),
+            )
+        return student
+    finally:
+        writer.close()
+        env.close()
+
+
+def _teacher_feature_dim(teacher, env) -> int | None:
+    """Size of the teacher's feature vectors, or None when it gives none."""
+    if not hasattr(teacher, "student"):
+        return None
+    return int(teacher.student.feature_dim)
