@@ -97,6 +97,10 @@ class Trainer:
         if resumed is not None:
             start_epoch, best, stale, best_state = resumed
             logger.info("round %d: resuming at epoch %d", round_index, start_epoch)
+            # Draw the minibatch orders of the epochs already done, so the
+            # remaining epochs see the orders an uninterrupted round would.
+            for _ in range(start_epoch):
+                torch.randperm(len(train["agent"]), generator=generator)
 
         epoch = start_epoch
         bar = tqdm(
@@ -152,7 +156,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         return total / max(count, 1)
 
@@ -205,8 +209,13 @@ class Trainer:
         if not self.checkpoint.exists():
             return None
         state = torch.load(self.checkpoint, weights_only=True, map_location="cpu")
+        if int(state["round"]) < round_index:
+            # Left by a finished round: its student is in student.pt, but the
+            # loss's own parameters (the feature projection) live only here.
+            self.loss.load_state_dict(state["loss"])
+            return None
         if int(state["round"]) != round_index:
-            return None  # left by a finished round; its result is in student.pt
+            return None
         self.global_epoch = int(state["global_epoch"])
         self.student.load_state_dict(state["student"])
         self.loss.load_state_dict(state["loss"])
