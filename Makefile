@@ -27,3 +27,16 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# Environment overhead against sumo-rl (bench/env_overhead.py, docs/benchmarks.md).
+# sumo-rl 1.4.5 needs PettingZoo < 1.25, so it gets a venv of its own.
+SUMO_RL_VENV := bench/.venv-sumo-rl
+
+$(SUMO_RL_VENV)/.installed: bench/requirements-sumo-rl.txt
+	$(PYTHON) -m venv $(SUMO_RL_VENV)
+	$(SUMO_RL_VENV)/bin/python -m pip install --quiet -r bench/requirements-sumo-rl.txt
+	touch $@
+
+.PHONY: bench-env
+bench-env: $(STAMP) $(SUMO_RL_VENV)/.installed
+	$(BIN)/python bench/env_overhead.py

@@ -6,9 +6,11 @@ green phases; a signal whose phase changes shows yellow (and optionally
 all-red) first, then its new green for the rest of the interval.
 
 SUMO is advanced with one ``simulationStep(target_time)`` call per segment of
-the interval (at most three), and lane data is read once per decision through
-subscriptions, so the Python side costs a few hundred microseconds per
-decision whatever the size of the network.
+the interval (at most three). Lane data is read once per decision, straight
+from libsumo (through subscriptions over TraCI), and the observations, rewards
+and queues of all agents are computed together with index arrays built once.
+``bench/env_overhead.py`` measures the time this costs against the time inside
+SUMO's step; ``docs/benchmarks.md`` records the figures.
 
 Observation of an agent, in vehicles and seconds (``AgentSpec.obs_scale``
 gives a per-entry scale for normalising):
@@ -28,6 +30,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -218,6 +221,21 @@ class TrafficSignalEnv(ParallelEnv):
             a: SignalState(s.plan, self.config.min_green, self.config.max_green)
             for a, s in self.specs.items()
         }
+        # Masks by (phase, green time), which alone decide them, and the
+        # transition states of every phase change, so a decision builds none.
+        self._mask_cache: dict[str, dict] = {a: {} for a in self.specs}
+        self._yellow_states = {
+            a: {
+                (i, j): s.plan.yellow_state(i, j)
+                for i in range(s.num_phases)
+                for j in range(s.num_phases)
+                if i != j
+            }
+            for a, s in self.specs.items()
+        }
+        self._agent_state = {
+            a: (self._signals[a], self._mask_cache[a]) for a in self.specs
+        }
         self._index_lanes()
         self._observation_spaces = {
             a: spaces.Box(0.0, np.inf, shape=(s.obs_size,), dtype=np.float32)
@@ -241,7 +259,7 @@ class TrafficSignalEnv(ParallelEnv):
 
     def state(self) -> np.ndarray:
         """The global view: every agent's observation, in ``possible_agents`` order."""
-        return np.concatenate([self._observe(a) for a in self.possible_agents])
+        return self._observe_all()
 
     # --------------------------------------------------------------- episode
     def reset(self, seed: int | None = None, options: dict | None = None):
@@ -263,43 +281,50 @@ class TrafficSignalEnv(ParallelEnv):
             signal.green_time = self.config.delta_time
         self._read_lanes()
         self._prev_wait = self._wait_per_agent()
-        obs = {a: self._observe(a) for a in self.agents}
-        return obs, {a: self._info(a) for a in self.agents}
+        return self._observations(), self._infos()
 
     def step(self, actions: dict[str, int]):
         cfg = self.config
         now = self._time
         changing = []
         for agent in self.agents:
-            signal = self._signals[agent]
-            phase = signal.resolve(int(actions.get(agent, signal.phase)))
-            if phase != signal.phase:
-                changing.append((signal, signal.phase, phase))
+            signal, masks = self._agent_state[agent]
+            phase = signal.phase
+            action = int(actions.get(agent, phase))
+            entry = masks.get((phase, signal.green_time)) or self._allowed(agent)
+            # An allowed action runs as asked; for any other, the signal's
+            # own rule (SignalState.resolve) says which phase runs.
+            allowed = entry[0]
+            if not (0 <= action < len(allowed) and allowed[action]):
+                action = signal.resolve(action)
+            if action != phase:
+                changing.append((agent, signal, phase, action))
 
-        for signal, src, dst in changing:
-            self._set_state(signal.plan.tls_id, signal.plan.yellow_state(src, dst))
+        for agent, signal, src, dst in changing:
+            self._set_state(signal.plan.tls_id, self._yellow_states[agent][src, dst])
         if changing and cfg.yellow_time > 0:
             self._advance(now + cfg.yellow_time)
         if changing and cfg.all_red_time > 0:
-            for signal, src, dst in changing:
+            for _, signal, src, dst in changing:
                 self._set_state(signal.plan.tls_id, signal.plan.red_state(src, dst))
             self._advance(now + cfg.yellow_time + cfg.all_red_time)
         switch_time = cfg.yellow_time + cfg.all_red_time
-        for signal, _, dst in changing:
+        for _, signal, _, dst in changing:
             self._set_state(signal.plan.tls_id, signal.plan.green_states[dst])
             signal.phase = dst
             signal.green_time = -switch_time
+        delta = cfg.delta_time
         for agent in self.agents:
-            self._signals[agent].green_time += cfg.delta_time
-        self._advance(now + cfg.delta_time)
+            self._signals[agent].green_time += delta
+        self._advance(now + delta)
 
         self._read_lanes()
         rewards = self._rewards()
-        obs = {a: self._observe(a) for a in self.agents}
+        obs = self._observations()
         done = self._time >= self.end - 1e-6
         terminations = dict.fromkeys(self.agents, False)
         truncations = dict.fromkeys(self.agents, done)
-        infos = {a: self._info(a) for a in self.agents}
+        infos = self._infos()
         if done:
             self._close_simulation(collect=True)
             for agent in self.agents:
@@ -470,6 +495,7 @@ class TrafficSignalEnv(ParallelEnv):
             lanes.extend(spec.plan.out_lanes)
         self._lanes = list(dict.fromkeys(lanes))
         position = {lane: i for i, lane in enumerate(self._lanes)}
+        n = len(self._lanes)
         self._in_idx = {
             a: np.array([position[x] for x in s.plan.in_lanes])
             for a, s in self.specs.items()
@@ -483,48 +509,115 @@ class TrafficSignalEnv(ParallelEnv):
             for a, s in self.specs.items()
         }
         self._max_speed = np.array([self._lane_speed[x] for x in self._lanes])
+
+        # Lane variables, one row each in _lane_data: count and halting always,
+        # then what the reward needs.
         c = self._sumo.constants
-        self._lane_vars = [
-            c.LAST_STEP_VEHICLE_NUMBER,
-            c.LAST_STEP_VEHICLE_HALTING_NUMBER,
-        ]
+        variables = {
+            c.LAST_STEP_VEHICLE_NUMBER: "getLastStepVehicleNumber",
+            c.LAST_STEP_VEHICLE_HALTING_NUMBER: "getLastStepHaltingNumber",
+        }
         if self.config.reward == "wait":
-            self._lane_vars.append(c.VAR_WAITING_TIME)
+            variables[c.VAR_WAITING_TIME] = "getWaitingTime"
         if self.config.reward == "delay":
-            self._lane_vars.append(c.LAST_STEP_MEAN_SPEED)
-        n = len(self._lanes)
+            variables[c.LAST_STEP_MEAN_SPEED] = "getLastStepMeanSpeed"
+        self._lane_vars = list(variables)
         self._lane_data = np.zeros((len(self._lane_vars), n))
+        self._lane_names = np.array(self._lanes, dtype=object)
+        # SUMO computes the subscribed variables inside its step. libsumo hands
+        # them over lane by lane five times faster than all at once (its
+        # getAllSubscriptionResults converts the whole nested map for every
+        # call), and each lane's values come in sorted variable order.
+        sorted_vars = sorted(self._lane_vars)
+        self._var_rows = np.array([sorted_vars.index(v) for v in self._lane_vars])
+        raw = getattr(self._sumo, "_libsumo", None)
+        self._lane_results = getattr(raw, "lane_getSubscriptionResults", None)
+
+        # Agent k's sums over its lanes as one product: row k of these
+        # matrices holds a 1 for each of its incoming (outgoing) lanes.
+        agents = self.possible_agents
+        self._in_matrix = np.zeros((len(agents), n))
+        self._out_matrix = np.zeros((len(agents), n))
+        for k, a in enumerate(agents):
+            self._in_matrix[k, self._in_idx[a]] = 1.0
+            self._out_matrix[k, self._out_idx[a]] = 1.0
+
+        # Every agent's observation is a slice of one vector (the global
+        # state): lane entries are gathered from the count and halting rows
+        # of _lane_data in one indexing, the phase head is set per signal.
+        bounds, lane_dst, lane_src, heads = {}, [], [], []
+        start = 0
+        for a in agents:
+            spec, i, o = self.specs[a], self._in_idx[a], self._out_idx[a]
+            head = start + spec.num_phases
+            heads.append((self._signals[a], start, head))
+            src = np.concatenate([i, n + i, o, n + o])
+            lane_dst.append(head + 2 + np.arange(len(src)))
+            lane_src.append(src)
+            bounds[a] = slice(start, start + spec.obs_size)
+            start += spec.obs_size
+        self._obs_bounds = bounds
+        self._obs_lane_dst = np.concatenate(lane_dst)
+        self._obs_lane_src = np.concatenate(lane_src)
+        self._obs_heads = heads  # (signal, block start, may-switch entry)
+        self._obs_size = start
 
     def _read_lanes(self) -> None:
-        results = self._sumo.lane.getAllSubscriptionResults()
         data = self._lane_data
-        for j, lane in enumerate(self._lanes):
-            values = results[lane]
-            for i, var in enumerate(self._lane_vars):
-                data[i, j] = values[var]
-        halting = data[1]
-        for k, agent in enumerate(self.possible_agents):
-            self._queue_sum[k] += halting[self._in_idx[agent]].sum()
+        if self._lane_results is not None:  # libsumo
+            rows = map(self._lane_results, self._lanes)
+            values = chain.from_iterable(r.values() for r in rows)
+            table = np.fromiter(values, np.float64, data.size)
+            data[:] = table.reshape(len(self._lanes), -1).T[self._var_rows]
+        else:  # TraCI: one round trip for every lane
+            results = self._sumo.lane.getAllSubscriptionResults()
+            for j, lane in enumerate(self._lanes):
+                values = results[lane]
+                for i, var in enumerate(self._lane_vars):
+                    data[i, j] = values[var]
+        # Halting counts are whole numbers: the product sums them exactly.
+        self._queue = self._in_matrix @ data[1]
+        self._queue_sum += self._queue
         self._samples += 1
 
     # ----------------------------------------------------------- agent views
-    def _observe(self, agent: str) -> np.ndarray:
-        spec, signal = self.specs[agent], self._signals[agent]
-        count, halting = self._lane_data[0], self._lane_data[1]
-        i, o = self._in_idx[agent], self._out_idx[agent]
-        head = np.zeros(spec.num_phases + 2)
-        head[signal.phase] = 1.0
-        head[spec.num_phases] = float(signal.green_time >= self.config.min_green)
-        head[spec.num_phases + 1] = max(signal.green_time, 0.0)
-        return np.concatenate(
-            [head, count[i], halting[i], count[o], halting[o]]
-        ).astype(np.float32)
+    def _observe_all(self) -> np.ndarray:
+        """Every agent's observation, end to end in ``possible_agents`` order."""
+        flat = np.zeros(self._obs_size, dtype=np.float32)
+        flat[self._obs_lane_dst] = self._lane_data[:2].ravel()[self._obs_lane_src]
+        min_green = self.config.min_green
+        for signal, start, may_switch_at in self._obs_heads:
+            flat[start + signal.phase] = 1.0
+            flat[may_switch_at] = float(signal.green_time >= min_green)
+            flat[may_switch_at + 1] = max(signal.green_time, 0.0)
+        return flat
+
+    def _observations(self) -> dict[str, np.ndarray]:
+        flat, bounds = self._observe_all(), self._obs_bounds
+        # Copies, so that an observation kept does not hold the whole vector.
+        return {a: flat[bounds[a]].copy() for a in self.agents}
+
+    def _allowed(self, agent: str) -> tuple[list[bool], np.ndarray]:
+        """The signal's ``action_mask()``, as it gives it and as int8."""
+        signal = self._signals[agent]
+        cache = self._mask_cache[agent]
+        key = (signal.phase, signal.green_time)
+        entry = cache.get(key)
+        if entry is None:
+            allowed = signal.action_mask()
+            entry = cache[key] = (allowed, np.array(allowed, dtype=np.int8))
+        return entry
 
     def _mask(self, agent: str) -> np.ndarray:
-        return np.array(self._signals[agent].action_mask(), dtype=np.int8)
+        return self._allowed(agent)[1].copy()
 
-    def _info(self, agent: str) -> dict:
-        return {"action_mask": self._mask(agent)}
+    def _infos(self) -> dict[str, dict]:
+        infos = {}
+        for agent in self.agents:
+            signal, masks = self._agent_state[agent]
+            entry = masks.get((signal.phase, signal.green_time)) or self._allowed(agent)
+            infos[agent] = {"action_mask": entry[1].copy()}
+        return infos
 
     def _wait_per_agent(self) -> dict[str, float]:
         if self.config.reward != "wait":
@@ -534,7 +627,17 @@ class TrafficSignalEnv(ParallelEnv):
 
     def _rewards(self) -> dict[str, float]:
         kind = self.config.reward
-        count, halting = self._lane_data[0], self._lane_data[1]
+        count = self._lane_data[0]
+        # Counts are whole numbers, so the products give the exact sums.
+        if kind == "queue":
+            per_agent = -self._queue  # the queues _read_lanes summed
+        elif kind == "pressure":
+            per_agent = -np.abs(self._in_matrix @ count - self._out_matrix @ count)
+        if kind in ("queue", "pressure"):
+            rewards = dict(zip(self.possible_agents, per_agent.tolist(), strict=True))
+            if len(self.agents) != len(rewards):
+                rewards = {a: rewards[a] for a in self.agents}
+            return rewards
         rewards = {}
         if kind == "wait":
             wait = self._wait_per_agent()
@@ -542,16 +645,11 @@ class TrafficSignalEnv(ParallelEnv):
                 rewards[a] = self._prev_wait[a] - wait[a]
             self._prev_wait = wait
             return rewards
-        for a in self.agents:
-            i, o = self._in_idx[a], self._out_idx[a]
-            if kind == "queue":
-                rewards[a] = -float(halting[i].sum())
-            elif kind == "pressure":
-                rewards[a] = -abs(float(count[i].sum() - count[o].sum()))
-            else:  # delay: vehicles times their relative speed loss
-                speed = self._lane_data[-1][i]
-                loss = 1.0 - np.minimum(speed / self._max_speed[i], 1.0)
-                rewards[a] = -float((count[i] * loss).sum())
+        for a in self.agents:  # delay: vehicles times their relative speed loss
+            i = self._in_idx[a]
+            speed = self._lane_data[-1][i]
+            loss = 1.0 - np.minimum(speed / self._max_speed[i], 1.0)
+            rewards[a] = -float((count[i] * loss).sum())
         return rewards
 
 
