@@ -32,12 +32,23 @@ def run_episode(env, policy, seed: int, progress: bool = False) -> dict:
         progress: show a progress bar over decisions.
 
     Returns:
-        The network figures, ``seed`` and ``per_intersection`` figures.
+        The network figures, ``seed``, ``per_intersection`` figures and
+        ``queue_trace``: the vehicles queued on all signals' incoming lanes
+        (``queue_veh``) at each decision's simulation time (``time_s``).
     """
     if hasattr(policy, "reset"):
         policy.reset()
     needs_state = getattr(policy, "needs_state", False)
+    queue_at = {a: s.obs_slices()["in_queue_veh"] for a, s in env.specs.items()}
+    trace_time, trace_queue = [], []
+
+    def record(observations) -> None:
+        trace_time.append(round(float(env.sim_time), 1))
+        total = sum(float(np.sum(obs[queue_at[a]])) for a, obs in observations.items())
+        trace_queue.append(round(total, 1))
+
     observations, infos = env.reset(seed=seed)
+    record(observations)
     steps = int(round((env.end - env.begin) / env.config.delta_time)) - 1
     bar = tqdm(
         total=steps,
@@ -50,6 +61,7 @@ def run_episode(env, policy, seed: int, progress: bool = False) -> dict:
         state = env.state() if needs_state else None
         actions = policy(observations, masks, state)
         observations, _, _, _, infos = env.step(actions)
+        record(observations)
         bar.update()
     bar.close()
     episode = env.last_episode
@@ -57,6 +69,7 @@ def run_episode(env, policy, seed: int, progress: bool = False) -> dict:
         "seed": seed,
         **episode.network,
         "per_intersection": episode.per_intersection,
+        "queue_trace": {"time_s": trace_time, "queue_veh": trace_queue},
     }
 
 
@@ -85,7 +98,11 @@ def simulate(
         )
         results.append(result)
     networks = [
-        {k: v for k, v in r.items() if k not in ("per_intersection", "seed")}
+        {
+            k: v
+            for k, v in r.items()
+            if k not in ("per_intersection", "seed", "queue_trace")
+        }
         for r in results
     ]
     return {"episodes": results, "mean": mean_over_episodes(networks)}
@@ -222,11 +239,13 @@ def evaluate_run(
             f"{checkpoint} not found: the run has not finished a round; resume it "
             "with `marlkd distill --resume --out RUN_DIR`"
         )
+    if episodes is not None and episodes < 1:
+        raise UserError(f"--episodes is {episodes}: evaluate at least 1 episode")
     config = load_config(run_dir / "config.yaml")
     if demand_scale is not None:
         config.env.demand_scale = demand_scale
         config.env.validate()
-    episodes = episodes or config.eval.episodes
+    episodes = config.eval.episodes if episodes is None else episodes
     seed = config.eval.seed if seed is None else seed
     names = list(controllers or config.eval.controllers)
 
@@ -274,6 +293,8 @@ def evaluate_run(
         for entry in results.values():
             entry["mean"]["delay_vs_teacher"] = (
                 entry["mean"]["avg_delay_s"] / teacher_delay
+                if teacher_delay > 0
+                else float("nan")  # no vehicle was delayed, e.g. no demand
             )
 
     report = {
