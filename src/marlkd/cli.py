@@ -134,39 +134,44 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, schema=None):
     """The run configuration: preset, then scenario and other flags, then --set."""
     from marlkd.config import load_config
     from marlkd.envs.traffic.env import TrafficEnvConfig
 
+    # Values are read as YAML: JSON-quote file names so that one holding, say,
+    # ": " or " #" stays the text it is.
     overrides = []
     if args.sumocfg:
-        overrides += ["scenario.name=null", f"scenario.sumocfg={args.sumocfg}"]
+        overrides += [
+            "scenario.name=null",
+            f"scenario.sumocfg={json.dumps(args.sumocfg)}",
+        ]
     elif args.net or args.routes:
         if not (args.net and args.routes):
             raise UserError(
                 "--net and --routes go together: pass the network with --net and its"
                 " demand with --routes FILE[,FILE]"
             )
-        routes = ",".join(f'"{r}"' for r in args.routes.split(",") if r)
+        routes = [r for r in args.routes.split(",") if r]
         overrides += [
             "scenario.name=null",
-            f"scenario.net={args.net}",
-            f"scenario.routes=[{routes}]",
+            f"scenario.net={json.dumps(args.net)}",
+            f"scenario.routes={json.dumps(routes)}",
         ]
         for key in ("begin", "end"):
             if getattr(args, key) is not None:
                 overrides.append(f"scenario.{key}={getattr(args, key)}")
     elif args.scenario:
-        overrides.append(f"scenario.name={args.scenario}")
+        overrides.append(f"scenario.name={json.dumps(args.scenario)}")
     for key, value in overrides_from_args(args, TrafficEnvConfig).items():
         overrides.append(f"env.{key}={json.dumps(value)}")
     if getattr(args, "teacher", None):
-        overrides.append(f"teacher={args.teacher}")
+        overrides.append(f"teacher={json.dumps(args.teacher)}")
     if getattr(args, "method", None):
         overrides.append(f"collect.method={args.method}")
     overrides += args.set or []
-    return load_config(Path(args.config) if args.config else None, overrides)
+    return load_config(Path(args.config) if args.config else None, overrides, schema)
 
 
 def prepare_run_dir(out: str | None, config, resume: bool) -> Path:
@@ -199,7 +204,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from marlkd.distill.dagger import distill
     from marlkd.evaluate import evaluate_run
 
-    if args.resume and args.out:
+    _one_thread_for_small_networks()
+
+    if args.resume and args.out and (Path(args.out) / "config.yaml").exists():
         config = load_config(Path(args.out) / "config.yaml")
     else:
         config = config_from_args(args)
@@ -213,8 +220,33 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from marlkd.config import TeacherConfig
+    from marlkd.rl.train import train_teacher
+
+    _one_thread_for_small_networks()
+
+    config = config_from_args(args, TeacherConfig)
+    out = args.out or "runs/{}-{}-dqn-{}".format(
+        config.scenario.name or "user",
+        config.network.kind,
+        __import__("time").strftime("%Y%m%d-%H%M%S"),
+    )
+    run_dir = Path(out)
+    if (run_dir / "checkpoints" / "student.pt").exists():
+        raise UserError(
+            f"{run_dir} already holds a trained network: choose another --out"
+        )
+    report = train_teacher(config, run_dir)
+    print(report["table"])
+    print(f"network written to {run_dir / 'checkpoints' / 'student.pt'}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from marlkd.evaluate import evaluate_run
+
+    _one_thread_for_small_networks()
 
     report = evaluate_run(
         Path(args.run_dir),
@@ -234,9 +266,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from marlkd.config import load_config, to_commented_yaml
+    from marlkd.config import TeacherConfig, load_config, to_commented_yaml
 
-    config = load_config(Path(args.config) if args.config else None, args.set)
+    schema = TeacherConfig if args.teacher else None
+    config = load_config(Path(args.config) if args.config else None, args.set, schema)
     print(to_commented_yaml(config))
     return 0
 
@@ -246,6 +279,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from marlkd.config import load_config
     from marlkd.distill.dagger import distill
     from marlkd.evaluate import evaluate_run
+
+    _one_thread_for_small_networks()
 
     config = load_config(None, args.set)
     run_dir = prepare_run_dir(args.out, config, resume=False)
@@ -339,6 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(
+        "train-teacher",
+        help="train a network by RL (DQN): a large teacher or a from-scratch baseline",
+    )
+    p.add_argument("--config", help="a YAML preset (see `marlkd config --teacher`)")
+    add_scenario_args(p)
+    p.add_argument(
+        "--out", help="run folder (default runs/<scenario>-<network>-dqn-...)"
+    )
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key"
+    )
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser(
         "evaluate", help="compare teacher, student and baselines of a run"
     )
     p.add_argument("run_dir", help="the run folder written by `marlkd distill`")
@@ -350,10 +399,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this file")
     p.set_defaults(func=cmd_evaluate)
 
+    from marlkd.report import add_report_args, cmd_report
+
+    p = sub.add_parser(
+        "report",
+        help="write report.html: learning curves, delay per intersection, queues, map",
+    )
+    add_report_args(p)
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser(
         "config", help="print a run configuration as YAML, a comment on every key"
     )
     p.add_argument("--config", help="a YAML preset to start from")
+    p.add_argument(
+        "--teacher",
+        action="store_true",
+        help="the configuration of `train-teacher` instead of `distill`",
+    )
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key"
     )
@@ -368,6 +431,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _one_thread_for_small_networks() -> None:
+    """Run PyTorch on one thread.
+
+    marlkd's networks are a few thousand parameters and share the machine with
+    SUMO: spreading such small operations over threads costs more than it
+    saves, and on a busy two-core machine it can slow training tenfold.
+    """
+    import os
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    try:
+        import torch
+    except ImportError:  # the runtime needs no torch
+        return
+    torch.set_num_threads(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("marlkd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ can be overridden on the command line with ``--set section.key=value``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import yaml
 
 from marlkd.envs.traffic.env import TrafficEnvConfig
 from marlkd.errors import UserError
+from marlkd.rl.dqn import RLConfig
 from marlkd.schema import from_dict, option, to_dict
 
 
@@ -153,9 +155,15 @@ class RunConfig:
     collect: CollectConfig = option(CollectConfig(), "data collection")
     train: TrainConfig = option(TrainConfig(), "optimisation")
     eval: EvalConfig = option(EvalConfig(), "evaluation on held-out seeds")
+    rl: RLConfig = option(
+        RLConfig(),
+        "RL fine-tuning after distillation; rl.episodes > 0 with rl.kickstart > 0 "
+        "is kickstarting (Schmitt et al. 2018)",
+    )
 
     def validate(self) -> None:
         self.env.validate()
+        _validate_rl(self.rl)
         if self.collect.method not in ("bc", "dagger"):
             raise UserError(
                 f"collect.method is '{self.collect.method}': choose bc or dagger"
@@ -169,6 +177,10 @@ class RunConfig:
             raise UserError(
                 "collect.iterations and episodes_per_iteration must be >= 1"
             )
+        if self.train.epochs < 1 or self.train.batch_size < 1:
+            raise UserError("train.epochs and train.batch_size must be >= 1")
+        if self.eval.episodes < 1:
+            raise UserError("eval.episodes must be >= 1")
         if not 0.0 < self.train.val_fraction < 0.5:
             raise UserError("train.val_fraction must lie between 0 and 0.5")
         if self.loss.temperature <= 0:
@@ -181,7 +193,60 @@ class RunConfig:
             )
 
 
-def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-4`` as a number, as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot: ``lr: 1e-4`` would be
+    the text "1e-4" and then rejected as not a number.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+@dataclass
+class TeacherConfig:
+    """A teacher (or a from-scratch baseline) trained by reinforcement learning."""
+
+    scenario: ScenarioConfig = option(ScenarioConfig(), "network and demand")
+    env: TrafficEnvConfig = option(TrafficEnvConfig(), "environment settings")
+    network: StudentConfig = option(
+        StudentConfig(kind="mlp", hidden=[256, 256], agent_embedding=16),
+        "the network trained; a large one for a teacher, a student-sized one for "
+        "the RL-from-scratch baseline",
+    )
+    rl: RLConfig = option(RLConfig(episodes=60), "DQN settings")
+    eval: EvalConfig = option(
+        EvalConfig(controllers=["teacher", "max-pressure", "fixed"]),
+        "evaluation on held-out seeds",
+    )
+
+    def validate(self) -> None:
+        self.env.validate()
+        _validate_rl(self.rl)
+        if self.rl.episodes < 1:
+            raise UserError("rl.episodes must be >= 1 to train a teacher")
+
+
+def _validate_rl(rl: RLConfig) -> None:
+    if rl.episodes < 0 or rl.batch_size < 1 or rl.buffer_size < rl.batch_size:
+        raise UserError(
+            "rl.episodes must be >= 0, rl.batch_size >= 1 and rl.buffer_size >="
+            " rl.batch_size"
+        )
+    if not 0 <= rl.gamma < 1:
+        raise UserError(f"rl.gamma is {rl.gamma}: choose a discount in [0, 1)")
+    if rl.kickstart < 0:
+        raise UserError("rl.kickstart must be >= 0")
+
+
+def load_config(
+    path: Path | None, overrides: list[str] | None = None, schema=None
+) -> RunConfig:
     """Read a YAML preset (or the defaults) and apply ``key=value`` overrides."""
     data: dict = {}
     if path is not None:
@@ -189,7 +254,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> RunCon
         if not path.exists():
             raise UserError(f"config file {path} not found: pass an existing YAML file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
@@ -200,7 +265,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> RunCon
             raise UserError(f"config file {path} must hold a mapping of sections")
     for item in overrides or []:
         apply_override(data, item)
-    config = from_dict(RunConfig, data)
+    config = from_dict(schema or RunConfig, data)
     config.validate()
     return config
 
@@ -211,7 +276,7 @@ def apply_override(data: dict, item: str) -> None:
         raise UserError(f"override '{item}' lacks '=': write it as section.key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = yaml.load(raw, Loader=_Loader) if raw else None
     except yaml.YAMLError as exc:
         raise UserError(f"override '{item}' has a value YAML cannot read") from exc
     parts = key.strip().split(".")

@@ -32,6 +32,7 @@ from marlkd.distill.dataset import DatasetFolder, Transitions
 from marlkd.distill.losses import DistillationLoss
 from marlkd.distill.trainer import Trainer
 from marlkd.envs.traffic.env import TrafficSignalEnv
+from marlkd.rl.dqn import train_dqn
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.rollout.local import LocalCollector
 from marlkd.students import AgentLayout, make_student
@@ -65,9 +66,6 @@ def distill(
         The trained student; its checkpoint is ``run_dir/checkpoints/student.pt``.
     """
     run_dir = Path(run_dir)
-    save_config(config, run_dir / "config.yaml")
-    logger.info("run folder %s", run_dir)
-    logger.info("resolved config:\n%s", (run_dir / "config.yaml").read_text())
     progress_path = run_dir / "progress.json"
     state = (
         json.loads(progress_path.read_text())
@@ -75,9 +73,10 @@ def distill(
         else {}
     )
     rounds_done = int(state.get("rounds_done", 0))
+    state.setdefault("rounds_done", rounds_done)
 
     env = TrafficSignalEnv(config.scenario.build(), config.env)
-    writer = MetricWriter(run_dir)
+    writer = None
     try:
         layout = AgentLayout.from_traffic_specs(env.specs, config.env.max_green)
         batcher = AgentBatcher(
@@ -102,6 +101,12 @@ def distill(
             student_dim=student.feature_dim,
             teacher_dim=_teacher_feature_dim(teacher, env),
         )
+
+        # the inputs are sound: only now write to the run folder
+        save_config(config, run_dir / "config.yaml")
+        logger.info("run folder %s", run_dir)
+        logger.info("resolved config:\n%s", (run_dir / "config.yaml").read_text())
+        writer = MetricWriter(run_dir)
         trainer = Trainer(
             student, loss, config.train, run_dir / "checkpoints" / "round.pt", writer
         )
@@ -180,16 +185,48 @@ def distill(
                 fit.val_agreement,
             )
             save_student(student, student_path)
-            atomic_write_text(
-                progress_path,
-                json.dumps(
-                    {"rounds_done": k + 1, "global_epoch": trainer.global_epoch}
-                ),
-            )
+            state = {"rounds_done": k + 1, "global_epoch": trainer.global_epoch}
+            atomic_write_text(progress_path, json.dumps(state))
+
+        if config.rl.episodes > 0 and not state.get("rl_done"):
+            kickstart(config, run_dir, env, student, teacher, batcher, writer, progress)
+            save_student(student, student_path)
+            state["rl_done"] = True
+            atomic_write_text(progress_path, json.dumps(state))
         return student
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         env.close()
+
+
+def kickstart(config, run_dir, env, student, teacher, batcher, writer, progress):
+    """RL fine-tuning of the student with an annealed pull towards the teacher.
+
+    The distilled student is the starting point (with no collection rounds it
+    starts from scratch, as in Schmitt et al. 2018); DQN then optimises the
+    environment's reward while ``rl.kickstart`` weighs the distillation term.
+    An interrupted RL phase starts again from the distilled student.
+    """
+    steps_per_episode = int(round((env.end - env.begin) / env.config.delta_time)) - 1
+    collected = config.collect.iterations * config.collect.episodes_per_iteration
+    logger.info(
+        "kickstarting: %d RL episodes, lambda %.2f falling to 0 over %g episodes",
+        config.rl.episodes,
+        config.rl.kickstart,
+        config.rl.kickstart_episodes,
+    )
+    curve = train_dqn(
+        env,
+        student,
+        config.rl,
+        batcher=batcher,
+        teacher=teacher if config.rl.kickstart > 0 else None,
+        writer=writer,
+        step_offset=collected * steps_per_episode,
+        progress=progress,
+    )
+    atomic_write_text(run_dir / "rl_curve.json", json.dumps(curve, indent=2))
 
 
 def _teacher_feature_dim(teacher, env) -> int | None:

@@ -1,0 +1,1 @@
+"""Reinforcement learning for teachers, baselines and kickstarting."""

@@ -1,0 +1,294 @@
+"""Independent DQN with parameter sharing, and kickstarting on top of it.
+
+Every agent acts on its own observation with one shared Q-network (any marlkd
+student: its logits are the Q-values), learning from a replay buffer of every
+agent's transitions:
+
+    y = r + γ Q_target(s', argmax_a' Q(s', a'))        double DQN (van Hasselt 2016)
+    L_rl = Huber(Q(s, a) - y)
+
+Actions outside the mask are never chosen, neither when acting nor in the
+argmax of the target. The target network follows the online one by Polyak
+averaging with rate τ. Episodes end by truncation only (the simulated hour
+runs out), so every target bootstraps.
+
+Kickstarting (Schmitt et al., 2018) adds a distillation term towards a
+teacher's scores on the same replayed states, with a weight λ that is annealed
+over episodes so the student starts from the teacher and is then free to pass
+it:
+
+    L = L_rl + λ_k · T² KL(softmax(z_teacher / T) || softmax(Q / T))
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from marlkd.distill.losses import kl_loss
+from marlkd.rollout.batching import AgentBatcher
+from marlkd.schema import option
+from marlkd.tracking import MetricWriter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning: DQN for teachers, baselines and kickstarting."""
+
+    episodes: int = option(0, "training episodes; 0 turns RL off")
+    gamma: float = option(0.9, "discount per decision")
+    lr: float = option(5e-4, "Adam learning rate")
+    batch_size: int = option(256, "transitions per gradient step")
+    buffer_size: int = option(100_000, "transitions kept in the replay buffer")
+    learning_starts: int = option(2_000, "transitions gathered before learning")
+    updates_per_step: int = option(1, "gradient steps per environment step")
+    target_tau: float = option(0.01, "Polyak rate of the target network")
+    eps_start: float = option(1.0, "exploration rate at the start")
+    eps_end: float = option(0.02, "exploration rate after eps_episodes")
+    eps_episodes: float = option(10.0, "episodes over which exploration decays")
+    reward_scale: float = option(0.1, "factor on the environment's reward")
+    kickstart: float = option(
+        0.0, "initial weight λ of the distillation term towards the teacher"
+    )
+    kickstart_episodes: float = option(
+        10.0, "episodes over which λ falls linearly to 0"
+    )
+    kickstart_temperature: float = option(1.0, "softmax temperature of that term")
+    eval_every: int = option(
+        5, "greedy evaluation episode on a held-out seed every this many episodes"
+    )
+    seed: int = option(0, "seed of the first training episode and of the network")
+
+    def epsilon(self, episode: float) -> float:
+        fraction = min(1.0, episode / max(self.eps_episodes, 1e-9))
+        return self.eps_start + (self.eps_end - self.eps_start) * fraction
+
+    def kickstart_weight(self, episode: float) -> float:
+        if self.kickstart <= 0:
+            return 0.0
+        fraction = min(1.0, episode / max(self.kickstart_episodes, 1e-9))
+        return self.kickstart * (1.0 - fraction)
+
+
+class ReplayBuffer:
+    """A ring buffer of per-agent transitions, stored as padded arrays."""
+
+    def __init__(self, capacity: int, obs_size: int, num_actions: int, teacher: bool):
+        self.capacity = capacity
+        self.size = 0
+        self.pos = 0
+        self.obs = np.zeros((capacity, obs_size), dtype=np.float32)
+        self.next_obs = np.zeros((capacity, obs_size), dtype=np.float32)
+        self.agent = np.zeros(capacity, dtype=np.int64)
+        self.mask = np.zeros((capacity, num_actions), dtype=bool)
+        self.next_mask = np.zeros((capacity, num_actions), dtype=bool)
+        self.action = np.zeros(capacity, dtype=np.int64)
+        self.reward = np.zeros(capacity, dtype=np.float32)
+        self.teacher = (
+            np.zeros((capacity, num_actions), dtype=np.float32) if teacher else None
+        )
+
+    def add(self, obs, agent, mask, action, reward, next_obs, next_mask, teacher=None):
+        n = len(agent)
+        idx = (self.pos + np.arange(n)) % self.capacity
+        self.obs[idx], self.next_obs[idx] = obs, next_obs
+        self.agent[idx], self.action[idx], self.reward[idx] = agent, action, reward
+        self.mask[idx], self.next_mask[idx] = mask, next_mask
+        if self.teacher is not None:
+            self.teacher[idx] = teacher
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> dict:
+        idx = rng.integers(0, self.size, size=batch_size)
+        batch = {
+            "obs": self.obs[idx],
+            "next_obs": self.next_obs[idx],
+            "agent": self.agent[idx],
+            "mask": self.mask[idx],
+            "next_mask": self.next_mask[idx],
+            "action": self.action[idx],
+            "reward": self.reward[idx],
+        }
+        if self.teacher is not None:
+            batch["teacher"] = self.teacher[idx]
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def train_dqn(
+    env,
+    network: torch.nn.Module,
+    config: RLConfig,
+    *,
+    batcher: AgentBatcher,
+    teacher=None,
+    writer: MetricWriter | None = None,
+    eval_seed: int = 9_000,
+    step_offset: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``network`` as a shared Q-function on ``env`` for ``config.episodes``.
+
+    Args:
+        env: the multi-agent environment.
+        network: maps (obs, agent, mask) to logits, read as Q-values.
+        config: the DQN settings; ``kickstart > 0`` needs ``teacher``.
+        batcher: agent names and padded sizes.
+        teacher: labels every state for the kickstarting term.
+        writer: where ``rl/...`` metrics go, indexed by environment steps.
+        eval_seed: seed of the greedy evaluation episodes, a validation seed
+            kept apart from training seeds and from the held-out test seeds.
+        step_offset: environment steps already taken before this call (a
+            distilled student's collection), so curves share one axis.
+
+    Returns:
+        One record per greedy evaluation: ``env_steps``, ``episode`` and the
+        network figures of that episode.
+    """
+    if config.kickstart > 0 and teacher is None:
+        raise ValueError("kickstarting needs a teacher")
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    target = copy.deepcopy(network)
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
+    buffer = ReplayBuffer(
+        config.buffer_size, batcher.obs_size, batcher.num_actions, config.kickstart > 0
+    )
+    env_steps, updates, curve = step_offset, 0, []
+
+    for episode in tqdm(
+        range(config.episodes), desc="rl episodes", disable=None if progress else True
+    ):
+        epsilon = config.epsilon(episode)
+        lam = config.kickstart_weight(episode)
+        observations, infos = env.reset(seed=config.seed + episode)
+        names = list(env.agents)
+        masks = {a: infos[a]["action_mask"] for a in names}
+        obs, agent, mask = batcher.pad(observations, masks, names)
+        returns, losses, started = 0.0, [], time.perf_counter()
+        while env.agents:
+            # act: epsilon-greedy over the allowed phases of every agent
+            q = _q_values(network, obs, agent, mask)
+            actions = np.where(mask, q, -np.inf).argmax(axis=1)
+            explore = rng.random(len(names)) < epsilon
+            for row in np.flatnonzero(explore):
+                actions[row] = rng.choice(np.flatnonzero(mask[row]))
+            teacher_scores = None
+            if lam > 0:
+                state = env.state() if teacher.needs_state else None
+                label = teacher.act(observations, masks, state)
+                teacher_scores = batcher.pad_scores(label.scores, names)
+
+            next_observations, rewards, _, _, infos = env.step(
+                {a: int(actions[i]) for i, a in enumerate(names)}
+            )
+            env_steps += 1
+            masks = {a: infos[a]["action_mask"] for a in names}
+            next_obs, _, next_mask = batcher.pad(next_observations, masks, names)
+            reward = np.array([rewards[a] for a in names], dtype=np.float32)
+            returns += float(reward.mean())
+            buffer.add(
+                obs, agent, mask, actions, reward * config.reward_scale,
+                next_obs, next_mask, teacher_scores,
+            )  # fmt: skip
+            obs, mask, observations = next_obs, next_mask, next_observations
+
+            # learn: double-DQN target, Huber loss, plus the kickstarting term
+            if buffer.size >= config.learning_starts:
+                for _ in range(config.updates_per_step):
+                    batch = buffer.sample(config.batch_size, rng)
+                    loss, parts = _dqn_loss(network, target, batch, config, lam)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)
+                    optimizer.step()
+                    _polyak(target, network, config.target_tau)
+                    losses.append(parts)
+                    updates += 1
+
+        metrics = {
+            "rl/episode": episode,
+            "rl/epsilon": epsilon,
+            "rl/kickstart_weight": lam,
+            "rl/episode_return": returns,
+            "rl/behaviour_avg_delay_s": env.last_episode.network["avg_delay_s"],
+            "rl/updates": updates,
+            "timers/rl_episode_s": time.perf_counter() - started,
+        }
+        if losses:
+            for key in losses[0]:
+                metrics[f"rl/{key}"] = float(np.mean([p[key] for p in losses]))
+        if config.eval_every and (
+            (episode + 1) % config.eval_every == 0 or episode + 1 == config.episodes
+        ):
+            figures = greedy_episode(env, network, batcher, eval_seed)
+            metrics["rl/eval_avg_delay_s"] = figures["avg_delay_s"]
+            curve.append({"env_steps": env_steps, "episode": episode + 1, **figures})
+            logger.info(
+                "episode %d (%d env steps): greedy delay %.2f s",
+                episode + 1,
+                env_steps,
+                figures["avg_delay_s"],
+            )
+        if writer is not None:
+            writer.log(env_steps, metrics)
+    return curve
+
+
+def greedy_episode(env, network, batcher: AgentBatcher, seed: int) -> dict:
+    """The network figures of one greedy episode."""
+    observations, infos = env.reset(seed=seed)
+    while env.agents:
+        names = list(env.agents)
+        masks = {a: infos[a]["action_mask"] for a in names}
+        obs, agent, mask = batcher.pad(observations, masks, names)
+        q = _q_values(network, obs, agent, mask)
+        actions = np.where(mask, q, -np.inf).argmax(axis=1)
+        observations, _, _, _, infos = env.step(
+            {a: int(actions[i]) for i, a in enumerate(names)}
+        )
+    return dict(env.last_episode.network)
+
+
+@torch.no_grad()
+def _q_values(network, obs, agent, mask) -> np.ndarray:
+    network.eval()
+    out = network(
+        torch.from_numpy(obs), torch.from_numpy(agent), torch.from_numpy(mask)
+    )
+    return out.logits.numpy()
+
+
+def _dqn_loss(network, target, batch, config: RLConfig, lam: float):
+    network.train()
+    q = network(batch["obs"], batch["agent"], batch["mask"]).logits
+    q_taken = q.gather(1, batch["action"][:, None]).squeeze(1)
+    with torch.no_grad():
+        next_online = network(
+            batch["next_obs"], batch["agent"], batch["next_mask"]
+        ).logits
+        best = next_online.masked_fill(~batch["next_mask"], -torch.inf).argmax(dim=1)
+        next_q = target(batch["next_obs"], batch["agent"], batch["next_mask"]).logits
+        y = batch["reward"] + config.gamma * next_q.gather(1, best[:, None]).squeeze(1)
+    td = F.smooth_l1_loss(q_taken, y)
+    parts = {"td_loss": float(td.detach()), "q_mean": float(q_taken.detach().mean())}
+    if lam <= 0:
+        return td, parts
+    kick = kl_loss(q, batch["teacher"], batch["mask"], config.kickstart_temperature)
+    parts["kickstart_loss"] = float(kick.detach())
+    return td + lam * kick, parts
+
+
+@torch.no_grad()
+def _polyak(target, online, tau: float) -> None:
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.mul_(1 - tau).add_(o, alpha=tau)

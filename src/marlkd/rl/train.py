@@ -1,0 +1,104 @@
+"""Training a network by RL alone: a large teacher, or the from-scratch baseline.
+
+The run folder looks like a distillation run's, so the trained network can be
+used as a teacher (``--teacher RUN/checkpoints/student.pt``) and its learning
+curve sits beside a distilled student's:
+
+    config.yaml  checkpoints/student.pt  metrics.csv  tensorboard/
+    rl_curve.json  results.json  results.md
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from marlkd.config import TeacherConfig, save_config
+from marlkd.envs.traffic.env import TrafficSignalEnv
+from marlkd.evaluate import TABLE_KEYS, decision_latency_us, format_table, simulate
+from marlkd.rl.dqn import train_dqn
+from marlkd.rollout.batching import AgentBatcher
+from marlkd.students import AgentLayout, make_student
+from marlkd.students.checkpoint import save_student
+from marlkd.students.policy import StudentPolicy
+from marlkd.teachers.registry import make_controller
+from marlkd.tracking import MetricWriter
+from marlkd.utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -> dict:
+    """Train ``config.network`` with DQN, then evaluate it on held-out seeds."""
+    run_dir = Path(run_dir)
+    save_config(config, run_dir / "config.yaml")
+    logger.info("resolved config:\n%s", (run_dir / "config.yaml").read_text())
+    env = TrafficSignalEnv(config.scenario.build(), config.env)
+    writer = MetricWriter(run_dir)
+    try:
+        layout = AgentLayout.from_traffic_specs(env.specs, config.env.max_green)
+        batcher = AgentBatcher(
+            env.possible_agents, layout.max_obs_size, layout.max_actions
+        )
+        torch.manual_seed(config.rl.seed)
+        n = config.network
+        network = make_student(
+            n.kind,
+            layout,
+            hidden=tuple(n.hidden),
+            shared=n.shared,
+            agent_embedding=n.agent_embedding,
+        )
+        logger.info("%s network, %d parameters", n.kind, network.num_parameters())
+
+        started = time.perf_counter()
+        curve = train_dqn(
+            env, network, config.rl, batcher=batcher, writer=writer, progress=progress
+        )
+        train_s = time.perf_counter() - started
+        save_student(network, run_dir / "checkpoints" / "student.pt")
+        atomic_write_text(run_dir / "rl_curve.json", json.dumps(curve, indent=2))
+
+        # evaluate: the trained network beside rule-based controllers
+        policy = StudentPolicy(network, batcher)
+        observations, infos = env.reset(seed=config.eval.seed)
+        masks = {a: infos[a]["action_mask"] for a in env.agents}
+        results = {}
+        for name in config.eval.controllers:
+            controller = policy if name == "teacher" else make_controller(name, env)
+            outcome = simulate(
+                env,
+                controller,
+                episodes=config.eval.episodes,
+                seed=config.eval.seed,
+                progress=progress,
+            )
+            outcome["mean"]["parameters"] = (
+                network.num_parameters() if name == "teacher" else 0
+            )
+            outcome["mean"].update(decision_latency_us(controller, observations, masks))
+            results[name] = outcome
+    finally:
+        writer.close()
+        env.close()
+
+    report = {
+        "run": str(run_dir),
+        "scenario": env.scenario.name,
+        "network": n.kind,
+        "train_s": train_s,
+        "env_steps": curve[-1]["env_steps"] if curve else 0,
+        "seeds": list(range(config.eval.seed, config.eval.seed + config.eval.episodes)),
+        "controllers": results,
+    }
+    table = format_table([(k, v["mean"]) for k, v in results.items()], TABLE_KEYS)
+    atomic_write_text(
+        run_dir / "results.json", json.dumps(report, indent=2, default=float)
+    )
+    atomic_write_text(run_dir / "results.md", f"# {env.scenario.name}\n\n{table}\n")
+    report["table"] = table
+    return report
