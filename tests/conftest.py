@@ -6,8 +6,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from marlkd.envs.traffic import sumo as sumo_api
+
+# marlkd's networks are tiny and share two cores with SUMO: one thread is
+# faster, and under load many times faster (the CLI's training commands do
+# the same).
+torch.set_num_threads(1)
 
 ARM_M = 200.0
 
