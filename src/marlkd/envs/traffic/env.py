@@ -524,14 +524,16 @@ class TrafficSignalEnv(ParallelEnv):
         self._lane_vars = list(variables)
         self._lane_data = np.zeros((len(self._lane_vars), n))
         self._lane_names = np.array(self._lanes, dtype=object)
-        # SUMO computes the subscribed variables inside its step. libsumo hands
-        # them over lane by lane five times faster than all at once (its
-        # getAllSubscriptionResults converts the whole nested map for every
-        # call), and each lane's values come in sorted variable order.
+        # SUMO computes the subscribed variables inside its step and hands
+        # them over in one call as {lane: {variable: value}}, lanes and
+        # variables in sorted order (it keeps them in std::maps): read in
+        # that order, the answer becomes one array without a lookup per lane.
+        self._sorted_lanes = sorted(self._lanes)
+        lane_pos = {lane: i for i, lane in enumerate(self._lanes)}
+        self._lane_order = np.array([lane_pos[x] for x in self._sorted_lanes])
         sorted_vars = sorted(self._lane_vars)
-        self._var_rows = np.array([sorted_vars.index(v) for v in self._lane_vars])
-        raw = getattr(self._sumo, "_libsumo", None)
-        self._lane_results = getattr(raw, "lane_getSubscriptionResults", None)
+        rows = [sorted_vars.index(v) for v in self._lane_vars]
+        self._var_rows = None if rows == sorted(rows) else np.array(rows)
 
         # Agent k's sums over its lanes as one product: row k of these
         # matrices holds a 1 for each of its incoming (outgoing) lanes.
@@ -564,17 +566,18 @@ class TrafficSignalEnv(ParallelEnv):
 
     def _read_lanes(self) -> None:
         data = self._lane_data
-        if self._lane_results is not None:  # libsumo
-            rows = map(self._lane_results, self._lanes)
-            values = chain.from_iterable(r.values() for r in rows)
-            table = np.fromiter(values, np.float64, data.size)
-            data[:] = table.reshape(len(self._lanes), -1).T[self._var_rows]
-        else:  # TraCI: one round trip for every lane
-            results = self._sumo.lane.getAllSubscriptionResults()
+        results = self._sumo.lane.getAllSubscriptionResults()
+        if list(results) == self._sorted_lanes:
+            values = chain.from_iterable(map(dict.values, results.values()))
+            table = np.fromiter(values, np.float64, data.size).reshape(-1, len(data)).T
+            if self._var_rows is not None:
+                table = table[self._var_rows]
+            data[:, self._lane_order] = table
+        else:  # an API that keeps another order: look each lane up by name
             for j, lane in enumerate(self._lanes):
-                values = results[lane]
+                lane_values = results[lane]
                 for i, var in enumerate(self._lane_vars):
-                    data[i, j] = values[var]
+                    data[i, j] = lane_values[var]
         # Halting counts are whole numbers: the product sums them exactly.
         self._queue = self._in_matrix @ data[1]
         self._queue_sum += self._queue
