@@ -100,6 +100,11 @@ class CollectConfig:
     beta_final: float = option(0.0, "beta in the last round, for the linear schedule")
     beta_decay: float = option(0.5, "factor per round, for the exponential schedule")
     seed: int = option(0, "seed of the first training episode; then +1 each")
+    validate: bool = option(
+        False,
+        "after every round, run the student for one episode on the validation "
+        "seed 9000 and log its delay (a learning curve against environment steps)",
+    )
 
     def beta_at(self, iteration: int) -> float:
         """β of a round: the chance that the teacher, not the student, acts."""

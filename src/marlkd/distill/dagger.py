@@ -32,7 +32,7 @@ from marlkd.distill.dataset import DatasetFolder, Transitions
 from marlkd.distill.losses import DistillationLoss
 from marlkd.distill.trainer import Trainer
 from marlkd.envs.traffic.env import TrafficSignalEnv
-from marlkd.rl.dqn import train_dqn
+from marlkd.rl.dqn import greedy_episode, train_dqn
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.rollout.local import LocalCollector
 from marlkd.students import AgentLayout, make_student
@@ -43,6 +43,9 @@ from marlkd.tracking import MetricWriter
 from marlkd.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+VALIDATION_SEED = 9_000
+"""Seed of learning-curve episodes: apart from training and held-out seeds."""
 
 
 def build_student(config: RunConfig, layout: AgentLayout) -> torch.nn.Module:
@@ -185,6 +188,16 @@ def distill(
                 fit.val_agreement,
             )
             save_student(student, student_path)
+            if c.validate:
+                figures = greedy_episode(env, student, batcher, VALIDATION_SEED)
+                steps = (k + 1) * c.episodes_per_iteration * _steps_per_episode(env)
+                writer.log(
+                    steps, {"collect/student_val_avg_delay_s": figures["avg_delay_s"]}
+                )
+                _append_curve(
+                    run_dir / "rounds_curve.json",
+                    {"env_steps": steps, "round": k, **figures},
+                )
             state = {"rounds_done": k + 1, "global_epoch": trainer.global_epoch}
             atomic_write_text(progress_path, json.dumps(state))
 
@@ -208,7 +221,6 @@ def kickstart(config, run_dir, env, student, teacher, batcher, writer, progress)
     environment's reward while ``rl.kickstart`` weighs the distillation term.
     An interrupted RL phase starts again from the distilled student.
     """
-    steps_per_episode = int(round((env.end - env.begin) / env.config.delta_time)) - 1
     collected = config.collect.iterations * config.collect.episodes_per_iteration
     logger.info(
         "kickstarting: %d RL episodes, lambda %.2f falling to 0 over %g episodes",
@@ -223,10 +235,20 @@ def kickstart(config, run_dir, env, student, teacher, batcher, writer, progress)
         batcher=batcher,
         teacher=teacher if config.rl.kickstart > 0 else None,
         writer=writer,
-        step_offset=collected * steps_per_episode,
+        step_offset=collected * _steps_per_episode(env),
         progress=progress,
     )
     atomic_write_text(run_dir / "rl_curve.json", json.dumps(curve, indent=2))
+
+
+def _steps_per_episode(env) -> int:
+    return int(round((env.end - env.begin) / env.config.delta_time)) - 1
+
+
+def _append_curve(path: Path, record: dict) -> None:
+    curve = json.loads(path.read_text()) if path.exists() else []
+    curve = [r for r in curve if r.get("round") != record["round"]] + [record]
+    atomic_write_text(path, json.dumps(curve, indent=2))
 
 
 def _teacher_feature_dim(teacher, env) -> int | None:

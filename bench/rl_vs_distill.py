@@ -1,0 +1,347 @@
+"""Does distillation save training? RL from scratch against distilled students.
+
+For each scenario and seed, on one axis of environment steps (decisions of
+all signals; one simulated hour is 359 of them):
+
+(a) RL from scratch: DQN with a student-sized network (the phase student);
+(b) DAgger distillation from MaxPressure, and from an RL-trained teacher;
+(c) kickstarting: one DAgger round from MaxPressure, then DQN with an
+    annealed pull towards MaxPressure (Schmitt et al. 2018);
+(d) the teachers: MaxPressure, and a large MLP trained by DQN.
+
+Learning curves are greedy episodes on validation seed 9000; the final
+figures are 5 held-out seeds (10000-10004). Writes ``summary.json`` and
+``curves.png`` into ``--out`` and prints the figures of the issue.
+
+Run:  .venv/bin/python bench/rl_vs_distill.py --scenarios grid4x4 arterial4 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from marlkd.config import RunConfig, TeacherConfig, load_config
+from marlkd.distill.dagger import distill
+from marlkd.envs.traffic.env import TrafficSignalEnv
+from marlkd.evaluate import evaluate_run, simulate
+from marlkd.rl.dqn import RLConfig, greedy_episode, train_dqn
+from marlkd.rl.train import train_teacher
+from marlkd.rollout.batching import AgentBatcher
+from marlkd.students import AgentLayout, make_student
+from marlkd.students.policy import StudentPolicy
+from marlkd.teachers import make_controller
+
+VALIDATION_SEED = 9_000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=["grid4x4", "arterial4"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--scratch-episodes", type=int, default=30)
+    parser.add_argument("--teacher-episodes", type=int, default=30)
+    parser.add_argument("--kickstart-episodes", type=int, default=20)
+    parser.add_argument("--test-episodes", type=int, default=5)
+    parser.add_argument("--out", default="bench/out/rl_vs_distill")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+
+    for scenario in args.scenarios:
+        for seed in args.seeds:
+            key = f"{scenario}/seed{seed}"
+            if key in summary:
+                print(f"{key}: done already, skipped")
+                continue
+            started = time.perf_counter()
+            summary[key] = run_case(
+                scenario, seed, args, out / scenario / f"seed{seed}"
+            )
+            summary[key]["wall_s"] = time.perf_counter() - started
+            summary_path.write_text(json.dumps(summary, indent=2))
+            print_case(key, summary[key])
+
+    report(summary, args.scenarios, out)
+
+
+def run_case(scenario: str, seed: int, args, root: Path) -> dict:
+    case: dict = {"timings_s": {}}
+    common = [
+        f"scenario.name={scenario}",
+        f"train.seed={seed}",
+        "collect.validate=true",
+    ]
+
+    def timed(name, fn):
+        started = time.perf_counter()
+        result = fn()
+        case["timings_s"][name] = time.perf_counter() - started
+        return result
+
+    # (d) the rule-based teacher's level on the validation seed
+    config = load_config(None, common)
+    env = TrafficSignalEnv(config.scenario.build(), config.env)
+    try:
+        mp = make_controller("max-pressure", env)
+        case["max_pressure_val_delay_s"] = simulate(
+            env, mp, episodes=1, seed=VALIDATION_SEED, progress=False
+        )["mean"]["avg_delay_s"]
+    finally:
+        env.close()
+
+    # (a) RL from scratch, student-sized network
+    case["scratch"] = timed(
+        "scratch", lambda: rl_from_scratch(scenario, seed, args, root)
+    )
+
+    # (b) DAgger from MaxPressure
+    run = root / "dagger-mp"
+    timed(
+        "dagger_mp",
+        lambda: distill(
+            load_config(None, [*common, f"collect.seed={100 * seed}"]),
+            run,
+            progress=False,
+        ),
+    )
+    case["dagger_mp"] = {"curve": json.loads((run / "rounds_curve.json").read_text())}
+    case["dagger_mp"]["test"] = test(run, args)
+
+    # (c) kickstarting from MaxPressure
+    run = root / "kickstart-mp"
+    k = args.kickstart_episodes
+    kick = [
+        *common, f"collect.seed={100 * seed}", "collect.iterations=1",
+        f"rl.episodes={k}", "rl.kickstart=1.0", f"rl.kickstart_episodes={k / 2}",
+        "rl.eps_start=0.1", "rl.eps_episodes=3", "rl.eval_every=2",
+        f"rl.seed={1000 + 100 * seed}", "rl.learning_starts=1000",
+    ]  # fmt: skip
+    timed("kickstart_mp", lambda: distill(load_config(None, kick), run, progress=False))
+    case["kickstart_mp"] = {
+        "curve": json.loads((run / "rounds_curve.json").read_text())
+        + json.loads((run / "rl_curve.json").read_text())
+    }
+    case["kickstart_mp"]["test"] = test(run, args)
+
+    # (d) an RL teacher: a large MLP trained by DQN
+    run = root / "rl-teacher"
+    teacher_config = load_config(
+        None,
+        [
+            f"scenario.name={scenario}",
+            "network.hidden=[384, 384]",
+            f"rl.episodes={args.teacher_episodes}",
+            f"rl.eps_episodes={args.teacher_episodes / 3}",
+            "rl.eval_every=2",
+            f"rl.seed={2000 + 100 * seed}",
+            f"eval.episodes={args.test_episodes}",
+            "eval.controllers=[teacher]",
+        ],
+        TeacherConfig,
+    )
+    report_ = timed(
+        "rl_teacher", lambda: train_teacher(teacher_config, run, progress=False)
+    )
+    case["rl_teacher"] = {
+        "curve": json.loads((run / "rl_curve.json").read_text()),
+        "test": report_["controllers"]["teacher"]["mean"],
+    }
+
+    # (b) DAgger from the RL teacher
+    teacher_path = run / "checkpoints" / "student.pt"
+    run = root / "dagger-rl"
+    timed(
+        "dagger_rl",
+        lambda: distill(
+            load_config(
+                None,
+                [
+                    *common,
+                    f"collect.seed={100 * seed}",
+                    f"teacher={json.dumps(str(teacher_path))}",
+                ],
+            ),
+            run,
+            progress=False,
+        ),
+    )
+    case["dagger_rl"] = {"curve": json.loads((run / "rounds_curve.json").read_text())}
+    case["dagger_rl"]["test"] = test(run, args)
+    return case
+
+
+def rl_from_scratch(scenario: str, seed: int, args, root: Path) -> dict:
+    config = RunConfig()
+    config.scenario.name = scenario
+    env = TrafficSignalEnv(config.scenario.build(), config.env)
+    try:
+        layout = AgentLayout.from_traffic_specs(env.specs, config.env.max_green)
+        batcher = AgentBatcher(
+            env.possible_agents, layout.max_obs_size, layout.max_actions
+        )
+        torch.manual_seed(seed)
+        network = make_student("phase", layout)
+        rl = RLConfig(
+            episodes=args.scratch_episodes,
+            eps_episodes=args.scratch_episodes / 3,
+            eval_every=2,
+            seed=3000 + 100 * seed,
+        )
+        curve = train_dqn(env, network, rl, batcher=batcher, progress=False)
+        policy = StudentPolicy(network, batcher)
+        test_figures = simulate(
+            env, policy, episodes=args.test_episodes, seed=10_000, progress=False
+        )["mean"]
+    finally:
+        env.close()
+    return {
+        "curve": curve,
+        "test": test_figures,
+        "parameters": network.num_parameters(),
+    }
+
+
+def test(run: Path, args) -> dict:
+    report_ = evaluate_run(
+        run,
+        episodes=args.test_episodes,
+        controllers=["teacher", "student"],
+        progress=False,
+    )
+    return {k: v["mean"] for k, v in report_["controllers"].items()}
+
+
+def steps_to_reach(curve: list[dict], threshold_s: float) -> int | None:
+    """Environment steps at the first validation point at or below the threshold."""
+    for point in sorted(curve, key=lambda p: p["env_steps"]):
+        if point["avg_delay_s"] <= threshold_s:
+            return int(point["env_steps"])
+    return None
+
+
+def print_case(key: str, case: dict) -> None:
+    mp = case["max_pressure_val_delay_s"]
+    t = case["rl_teacher"]["test"]
+    lines = [
+        f"{key}: MaxPressure (validation) {mp:.2f} s; wall {case['wall_s']:.0f} s",
+        f"  scratch RL test {case['scratch']['test']['avg_delay_s']:.2f} s",
+        f"  DAgger<-MP test student {case['dagger_mp']['test']['student']['avg_delay_s']:.2f}"
+        f" teacher {case['dagger_mp']['test']['teacher']['avg_delay_s']:.2f}",
+        f"  kickstart test student {case['kickstart_mp']['test']['student']['avg_delay_s']:.2f}",
+        f"  RL teacher test {t['avg_delay_s']:.2f} s ({t['parameters']} params); DAgger<-RL"
+        f" student {case['dagger_rl']['test']['student']['avg_delay_s']:.2f}"
+        f" ({case['dagger_rl']['test']['student']['parameters']} params)",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def report(summary: dict, scenarios: list[str], out: Path) -> None:
+    rows = []
+    for scenario in scenarios:
+        cases = [v for k, v in summary.items() if k.startswith(f"{scenario}/")]
+        if not cases:
+            continue
+        for teacher, label in (
+            ("dagger_mp", "MaxPressure"),
+            ("dagger_rl", "RL teacher"),
+        ):
+            speedups = []
+            for case in cases:
+                teacher_val = (
+                    case["max_pressure_val_delay_s"]
+                    if teacher == "dagger_mp"
+                    else case["rl_teacher"]["curve"][-1]["avg_delay_s"]
+                )
+                threshold = teacher_val / 0.95
+                distilled = steps_to_reach(case[teacher]["curve"], threshold)
+                scratch = steps_to_reach(case["scratch"]["curve"], threshold)
+                budget = max(p["env_steps"] for p in case["scratch"]["curve"])
+                speedups.append((distilled, scratch, budget))
+            rows.append((scenario, label, speedups))
+        for case in cases:
+            kick = case["kickstart_mp"]["test"]
+            rows.append(
+                (
+                    scenario,
+                    "kickstart vs MaxPressure (test delay)",
+                    [
+                        (
+                            kick["student"]["avg_delay_s"],
+                            kick["teacher"]["avg_delay_s"],
+                            None,
+                        )
+                    ],
+                )
+            )
+            rl = case["rl_teacher"]["test"]
+            student = case["dagger_rl"]["test"]["student"]
+            rows.append(
+                (
+                    scenario,
+                    "RL teacher vs its student (params, test delay)",
+                    [
+                        (
+                            rl["parameters"] / student["parameters"],
+                            rl["avg_delay_s"] / student["avg_delay_s"],
+                            None,
+                        )
+                    ],
+                )
+            )
+    for row in rows:
+        print(row)
+    plot(summary, scenarios, out / "curves.png")
+
+
+def plot(summary: dict, scenarios: list[str], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * len(scenarios), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(scenarios), squeeze=False)[0]
+    styles = {
+        "scratch": ("RL from scratch (phase student)", "tab:red"),
+        "dagger_mp": ("DAgger from MaxPressure", "tab:blue"),
+        "kickstart_mp": ("kickstarting from MaxPressure", "tab:green"),
+        "rl_teacher": ("RL teacher (MLP 384-384)", "tab:purple"),
+        "dagger_rl": ("DAgger from the RL teacher", "tab:orange"),
+    }
+    for ax, scenario in zip(axes, scenarios, strict=True):
+        cases = [v for k, v in summary.items() if k.startswith(f"{scenario}/")]
+        for name, (label, color) in styles.items():
+            for i, case in enumerate(cases):
+                curve = sorted(case[name]["curve"], key=lambda p: p["env_steps"])
+                ax.plot(
+                    [p["env_steps"] for p in curve],
+                    [p["avg_delay_s"] for p in curve],
+                    color=color,
+                    alpha=0.8,
+                    marker="o" if name.startswith("dagger") else None,
+                    markersize=3,
+                    label=label if i == 0 else None,
+                )
+        mp = np.mean([c["max_pressure_val_delay_s"] for c in cases])
+        ax.axhline(mp, color="black", linestyle="--", label="MaxPressure teacher")
+        ax.set_title(
+            f"{scenario}: {len(cases)} seeds, validation seed {VALIDATION_SEED}"
+        )
+        ax.set_xlabel("environment steps (decisions of all signals)")
+        ax.set_ylabel("average trip delay (s)")
+        ax.set_ylim(0, 2.5 * mp)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
