@@ -1,0 +1,499 @@
+"""PPO with parameter sharing, with a local (IPPO) or central (MAPPO) critic.
+
+Every agent acts on its own observation with one shared policy (any marlkd
+student: its logits define a categorical distribution over the allowed
+actions). Rollouts are whole episodes of every agent; the policy then takes a
+few epochs of minibatch steps on the clipped surrogate (Schulman et al., 2017,
+"Proximal Policy Optimization Algorithms"):
+
+    ρ_t = π_θ(a_t | o_t) / π_old(a_t | o_t)
+    L_clip = -mean_t min(ρ_t Â_t, clip(ρ_t, 1 - ε, 1 + ε) Â_t)
+
+with advantages from generalised advantage estimation (Schulman et al., 2016,
+"High-Dimensional Continuous Control Using Generalized Advantage Estimation"),
+per agent along its episode and normalised over the batch:
+
+    δ_t = r_t + γ V(s_{t+1}) - V(s_t)
+    Â_t = δ_t + γλ Â_{t+1}           R_t = Â_t + V(s_t)
+
+Episodes end by truncation only (the simulated time runs out), so the last
+step bootstraps with the value of the last observation. The critic is a
+separate MLP, trained on L_V = mean_t (V(s_t) - R_t)^2 with its targets
+normalised by their running mean and standard deviation:
+
+    local    V(o_i, i): the agent's own scaled observation and a one-hot of
+             its index; independent PPO (de Witt et al., 2020, "Is Independent
+             Learning All You Need in the StarCraft Multi-Agent Challenge?")
+    central  V(s, i): the global state, every agent's scaled observation end
+             to end, and the one-hot; MAPPO (Yu et al., 2022, "The Surprising
+             Effectiveness of PPO in Cooperative Multi-Agent Games")
+
+The critic only trains the policy: the student that is kept, and exported,
+has the same architecture whichever critic is used.
+
+Kickstarting (Schmitt et al., 2018) adds a distillation term towards the
+teacher's scores, recorded on the visited states while collecting, with a
+weight λ_k annealed linearly over episodes:
+
+    L = L_clip + c_V L_V - c_H H[π_θ(· | o_t)]
+        + λ_k T² KL(softmax(z_teacher / T) || softmax(z / T))
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Categorical
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from marlkd.distill.losses import kl_loss
+from marlkd.rl.dqn import greedy_episode
+from marlkd.rollout.batching import AgentBatcher
+from marlkd.schema import option
+from marlkd.students.base import masked_value
+from marlkd.students.layout import AgentLayout
+from marlkd.tracking import MetricWriter
+
+logger = logging.getLogger(__name__)
+
+CRITICS = ("local", "central")
+DEFAULT_CRITIC_HIDDEN = {"local": [64, 64], "central": [256, 256]}
+
+
+@dataclass
+class PPOConfig:
+    """Proximal policy optimisation with a shared policy, IPPO or MAPPO."""
+
+    episodes: int = option(0, "training episodes; 0 turns RL off")
+    episodes_per_update: int = option(
+        2, "whole episodes of every agent collected before each update"
+    )
+    gamma: float = option(0.99, "discount per decision")
+    gae_lambda: float = option(0.95, "λ of generalised advantage estimation")
+    clip: float = option(0.2, "clip range ε of the probability ratio")
+    lr: float = option(3e-4, "Adam learning rate of the policy and the critic")
+    update_epochs: int = option(4, "passes over the rollout per update")
+    minibatch_size: int = option(256, "agent decisions per gradient step")
+    entropy_coef: float = option(0.01, "weight c_H of the entropy bonus")
+    value_coef: float = option(0.5, "weight c_V of the value loss")
+    max_grad_norm: float = option(
+        0.5, "gradient norm clip, for the policy and the critic separately"
+    )
+    reward_scale: float = option(0.1, "factor on the environment's reward")
+    critic: str = option(
+        "local",
+        "value function: local (IPPO, the agent's own observation) or central"
+        " (MAPPO, the global state)",
+    )
+    critic_hidden: list[int] = option(
+        [], "hidden widths of the critic; empty: [64, 64] local, [256, 256] central"
+    )
+    value_norm: bool = option(
+        True, "normalise value targets by their running mean and std"
+    )
+    kickstart: float = option(
+        0.0, "initial weight λ of the distillation term towards the teacher"
+    )
+    kickstart_episodes: float = option(
+        10.0, "episodes over which λ falls linearly to 0"
+    )
+    kickstart_temperature: float = option(1.0, "softmax temperature of that term")
+    eval_every: int = option(
+        5, "greedy evaluation episode on a held-out seed every this many episodes"
+    )
+    seed: int = option(0, "seed of the first training episode and of the networks")
+
+    def kickstart_weight(self, episode: float) -> float:
+        if self.kickstart <= 0:
+            return 0.0
+        fraction = min(1.0, episode / max(self.kickstart_episodes, 1e-9))
+        return self.kickstart * (1.0 - fraction)
+
+
+class Critic(nn.Module):
+    """The value of an agent's situation, from its observation or the state.
+
+    Args:
+        layout: the agents; their observation scales normalise the inputs.
+        central: read the global state (every observation end to end, in
+            layout order) instead of the agent's own padded observation.
+        hidden: widths of the tanh hidden layers.
+    """
+
+    def __init__(self, layout: AgentLayout, central: bool, hidden: list[int]):
+        super().__init__()
+        self.central = central
+        self.num_agents = layout.num_agents
+        if central:  # (S,)
+            inv_scale = 1.0 / np.concatenate([a.obs_scale for a in layout.agents])
+        else:  # (N, D_max), 0 on padded entries
+            inv_scale = layout.inverse_scales()
+        self.register_buffer("inv_scale", torch.as_tensor(inv_scale).float())
+        sizes = [inv_scale.shape[-1] + self.num_agents, *hidden]
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [_orthogonal(nn.Linear(n_in, n_out), np.sqrt(2)), nn.Tanh()]
+        self.net = nn.Sequential(*layers, _orthogonal(nn.Linear(sizes[-1], 1), 1.0))
+
+    @property
+    def input_size(self) -> int:
+        return self.inv_scale.shape[-1]
+
+    def forward(
+        self, obs: torch.Tensor, agent: torch.Tensor, state: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Values (B,) of padded observations (B, D_max) or states (B, S)."""
+        x = state * self.inv_scale if self.central else obs * self.inv_scale[agent]
+        one_hot = F.one_hot(agent, self.num_agents).to(x.dtype)
+        return self.net(torch.cat([x, one_hot], dim=-1)).squeeze(-1)
+
+
+class RunningNorm:
+    """Running mean and variance of value targets, merged batch by batch.
+
+    The critic predicts normalised returns, so the scale of the rewards, which
+    grows with the traffic, does not set the size of its gradients (the value
+    normalisation of Yu et al., 2022).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: np.ndarray) -> None:
+        if not self.enabled or x.size == 0:
+            return
+        n, mean, var = x.size, float(x.mean()), float(x.var())
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var, self.count = m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.var + 1e-8))
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.std if self.enabled else x
+
+    def denormalize(self, x: np.ndarray) -> np.ndarray:
+        return x * self.std + self.mean if self.enabled else x
+
+
+def masked_distribution(logits: torch.Tensor, mask: torch.Tensor) -> Categorical:
+    """The categorical policy over the allowed actions only.
+
+    Disallowed actions get the finite ``masked_value`` logit, so their
+    probability is exactly 0 and log-probabilities and entropy stay free of NaN.
+    """
+    return Categorical(logits=logits.masked_fill(~mask, masked_value(logits.dtype)))
+
+
+def gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    last_value: np.ndarray,
+    gamma: float,
+    lam: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Advantages and value targets of one truncated episode.
+
+    Args:
+        rewards: (T, ...) rewards r_t, one column per agent.
+        values: (T, ...) values V(s_t) of the states acted in.
+        last_value: (...) value of the state after the last step; the episode
+            was truncated there, so the return continues from it.
+        gamma: discount γ.
+        lam: λ, from 0 (one-step TD) to 1 (Monte Carlo with a bootstrap).
+
+    Returns:
+        (Â, R) of shape (T, ...): Â_t = δ_t + γλ Â_{t+1}, R_t = Â_t + V(s_t).
+    """
+    advantages = np.zeros_like(values)
+    running = np.zeros_like(last_value)
+    for t in reversed(range(len(rewards))):
+        next_value = last_value if t == len(rewards) - 1 else values[t + 1]
+        delta = rewards[t] + gamma * next_value - values[t]
+        running = delta + gamma * lam * running
+        advantages[t] = running
+    return advantages, advantages + values
+
+
+def clipped_surrogate(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip: float,
+) -> torch.Tensor:
+    """-mean min(ρ Â, clip(ρ, 1 - ε, 1 + ε) Â), with ρ = exp(log π - log π_old)."""
+    ratio = (log_prob - old_log_prob).exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
+    return -torch.min(unclipped, clipped).mean()
+
+
+def train_ppo(
+    env,
+    policy_network: torch.nn.Module,
+    config: PPOConfig,
+    *,
+    batcher: AgentBatcher,
+    teacher=None,
+    writer: MetricWriter | None = None,
+    eval_seed: int = 9_000,
+    step_offset: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``policy_network`` as a shared policy on ``env`` with PPO.
+
+    Args:
+        env: the multi-agent environment; with ``critic="central"`` its
+            ``state()`` must be every observation end to end.
+        policy_network: a marlkd student, mapping (obs, agent, mask) to logits;
+            its layout sets the critic's input scales.
+        config: the PPO settings; ``kickstart > 0`` needs ``teacher``.
+        batcher: agent names and padded sizes.
+        teacher: labels every visited state for the kickstarting term.
+        writer: where ``rl/...`` metrics go, indexed by environment steps.
+        eval_seed: seed of the greedy evaluation episodes, a validation seed
+            kept apart from training seeds and from the held-out test seeds.
+        step_offset: environment steps already taken before this call (a
+            distilled student's collection), so curves share one axis.
+        progress: show a progress bar over episodes.
+
+    Returns:
+        One record per greedy evaluation: ``env_steps``, ``episode`` and the
+        network figures of that episode.
+    """
+    if config.critic not in CRITICS:
+        raise ValueError(
+            f"unknown critic '{config.critic}': choose one of {', '.join(CRITICS)}"
+        )
+    if config.kickstart > 0 and teacher is None:
+        raise ValueError("kickstarting needs a teacher")
+    if config.episodes_per_update < 1 or config.minibatch_size < 1:
+        raise ValueError("episodes_per_update and minibatch_size must be at least 1")
+    central = config.critic == "central"
+    layout = policy_network.layout
+    if list(layout.names) != list(batcher.agents):
+        raise ValueError("the policy's layout and the batcher list different agents")
+    torch.manual_seed(config.seed)
+    critic = Critic(
+        layout,
+        central,
+        list(config.critic_hidden) or DEFAULT_CRITIC_HIDDEN[config.critic],
+    )
+    if central and critic.input_size != env.state_space.shape[0]:
+        raise ValueError(
+            f"the central critic expects a state of {critic.input_size} entries "
+            f"(every observation of the layout), the env gives "
+            f"{env.state_space.shape[0]}"
+        )
+    optimizer = torch.optim.Adam(
+        [*policy_network.parameters(), *critic.parameters()], lr=config.lr
+    )
+    value_norm = RunningNorm(config.value_norm)
+    env_steps, updates, curve, episode = step_offset, 0, [], 0
+    bar = tqdm(
+        total=config.episodes, desc="ppo episodes", disable=None if progress else True
+    )
+
+    while episode < config.episodes:
+        first = episode
+        lam = config.kickstart_weight(first)
+        n_episodes = min(config.episodes_per_update, config.episodes - first)
+        rollout, returns, delays = [], [], []
+        started = time.perf_counter()
+
+        # collect: whole episodes, every agent sampling from the shared policy
+        for _ in range(n_episodes):
+            observations, infos = env.reset(seed=config.seed + episode)
+            if teacher is not None and lam > 0:
+                teacher.reset()
+            names = list(env.agents)
+            masks = {a: infos[a]["action_mask"] for a in names}
+            obs, agent, mask = batcher.pad(observations, masks, names)
+            state = env.state() if central else None
+            steps, episode_return = [], 0.0
+            while env.agents:
+                action, log_prob, value = _act(
+                    policy_network, critic, obs, agent, mask, state
+                )
+                step = {
+                    "obs": obs, "agent": agent, "mask": mask, "action": action,
+                    "log_prob": log_prob, "value": value_norm.denormalize(value),
+                }  # fmt: skip
+                if central:
+                    step["state"] = np.broadcast_to(state, (len(names), len(state)))
+                if lam > 0:
+                    state_in = env.state() if teacher.needs_state else None
+                    label = teacher.act(observations, masks, state_in)
+                    step["teacher"] = batcher.pad_scores(label.scores, names)
+
+                observations, rewards, terminations, _, infos = env.step(
+                    {a: int(action[i]) for i, a in enumerate(names)}
+                )
+                env_steps += 1
+                if any(terminations.values()):
+                    raise NotImplementedError(
+                        "PPO here bootstraps every episode end as a truncation;"
+                        " an environment that terminates episodes needs GAE to "
+                        "stop at the termination"
+                    )
+                if env.agents and list(env.agents) != names:
+                    raise NotImplementedError(
+                        "PPO here needs every agent to act at every step; agents"
+                        f" changed from {names} to {env.agents} within an episode"
+                    )
+                reward = np.array([rewards[a] for a in names], dtype=np.float32)
+                step["reward"] = reward * config.reward_scale
+                episode_return += float(reward.mean())
+                steps.append(step)
+                masks = {a: infos[a]["action_mask"] for a in names}
+                obs, _, mask = batcher.pad(observations, masks, names)
+                state = env.state() if central else None
+
+            # bootstrap: the episode was truncated, its return goes on from here
+            _, _, last_value = _act(policy_network, critic, obs, agent, mask, state)
+            episode_data = {k: np.stack([s[k] for s in steps]) for k in steps[0]}
+            episode_data["advantage"], episode_data["return"] = gae(
+                episode_data["reward"],
+                episode_data["value"],
+                value_norm.denormalize(last_value),
+                config.gamma,
+                config.gae_lambda,
+            )
+            rollout.append(episode_data)
+            returns.append(episode_return)
+            delays.append(env.last_episode.network["avg_delay_s"])
+            episode += 1
+            bar.update(1)
+        collect_s = time.perf_counter() - started
+
+        # flatten the batch: one row per (episode, step, agent)
+        b = {
+            k: torch.from_numpy(
+                np.concatenate([e[k].reshape(-1, *e[k].shape[2:]) for e in rollout])
+            )
+            for k in rollout[0]
+        }
+        value_norm.update(b["return"].numpy())
+        b["target"] = torch.as_tensor(value_norm.normalize(b["return"].numpy()))
+        advantage = b["advantage"]
+        b["advantage"] = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+
+        # learn: epochs of minibatch steps on the clipped surrogate
+        policy_network.train()
+        critic.train()
+        rows = len(b["action"])
+        parts: dict[str, list[float]] = {}
+        for _ in range(config.update_epochs):
+            order = torch.randperm(rows)
+            for start in range(0, rows, config.minibatch_size):
+                idx = order[start : start + config.minibatch_size]
+                out = policy_network(b["obs"][idx], b["agent"][idx], b["mask"][idx])
+                dist = masked_distribution(out.logits, b["mask"][idx])
+                log_prob = dist.log_prob(b["action"][idx])
+                policy_loss = clipped_surrogate(
+                    log_prob, b["log_prob"][idx], b["advantage"][idx], config.clip
+                )
+                value = critic(
+                    b["obs"][idx], b["agent"][idx], b["state"][idx] if central else None
+                )
+                value_loss = F.mse_loss(value, b["target"][idx])
+                entropy = dist.entropy().mean()
+                loss = (
+                    policy_loss
+                    + config.value_coef * value_loss
+                    - config.entropy_coef * entropy
+                )
+                if lam > 0:
+                    kick = kl_loss(
+                        out.logits,
+                        b["teacher"][idx],
+                        b["mask"][idx],
+                        config.kickstart_temperature,
+                    )
+                    loss = loss + lam * kick
+                    parts.setdefault("kickstart_loss", []).append(float(kick.detach()))
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(
+                    policy_network.parameters(), config.max_grad_norm
+                )
+                nn.utils.clip_grad_norm_(critic.parameters(), config.max_grad_norm)
+                optimizer.step()
+                updates += 1
+
+                with torch.no_grad():
+                    log_ratio = log_prob - b["log_prob"][idx]
+                    approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
+                    clipped = ((log_ratio.exp() - 1).abs() > config.clip).float()
+                for key, x in (
+                    ("policy_loss", policy_loss), ("value_loss", value_loss),
+                    ("entropy", entropy), ("approx_kl", approx_kl),
+                    ("clip_fraction", clipped.mean()),
+                ):  # fmt: skip
+                    parts.setdefault(key, []).append(float(x.detach()))
+
+        # record: losses of the update, behaviour, and a greedy evaluation
+        explained = 1.0 - float((b["return"] - b["value"]).var()) / max(
+            float(b["return"].var()), 1e-8
+        )
+        metrics = {
+            "rl/episode": episode,
+            "rl/kickstart_weight": lam,
+            "rl/episode_return": float(np.mean(returns)),
+            "rl/behaviour_avg_delay_s": float(np.mean(delays)),
+            "rl/updates": updates,
+            "rl/explained_variance": explained,
+            **{f"rl/{key}": float(np.mean(v)) for key, v in parts.items()},
+            "timers/rl_collect_s": collect_s,
+            "timers/rl_update_s": time.perf_counter() - started - collect_s,
+        }
+        if config.eval_every and (
+            episode // config.eval_every > first // config.eval_every
+            or episode == config.episodes
+        ):
+            figures = greedy_episode(env, policy_network, batcher, eval_seed)
+            metrics["rl/eval_avg_delay_s"] = figures["avg_delay_s"]
+            curve.append({"env_steps": env_steps, "episode": episode, **figures})
+            logger.info(
+                "episode %d (%d env steps): greedy delay %.2f s",
+                episode,
+                env_steps,
+                figures["avg_delay_s"],
+            )
+        if writer is not None:
+            writer.log(env_steps, metrics)
+    bar.close()
+    return curve
+
+
+@torch.no_grad()
+def _act(policy_network, critic, obs, agent, mask, state):
+    """Sampled actions, their log-probabilities and the (normalised) values."""
+    policy_network.eval()
+    critic.eval()
+    obs, agent, mask = map(torch.from_numpy, (obs, agent, mask))
+    logits = policy_network(obs, agent, mask).logits
+    dist = masked_distribution(logits, mask)
+    action = dist.sample()
+    if state is not None:
+        state = torch.from_numpy(state).expand(len(agent), -1)
+    value = critic(obs, agent, state)
+    return action.numpy(), dist.log_prob(action).numpy(), value.numpy()
+
+
+def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
