@@ -15,7 +15,7 @@ import yaml
 
 from marlkd.envs.traffic.env import TrafficEnvConfig
 from marlkd.errors import UserError
-from marlkd.rl.dqn import RLConfig
+from marlkd.rl.config import RLConfig
 from marlkd.schema import from_dict, option, to_dict
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,50 +32,11 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from marlkd.distill.losses import kl_loss
+from marlkd.rl.config import RLConfig
 from marlkd.rollout.batching import AgentBatcher
-from marlkd.schema import option
 from marlkd.tracking import MetricWriter
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RLConfig:
-    """Reinforcement learning: DQN for teachers, baselines and kickstarting."""
-
-    episodes: int = option(0, "training episodes; 0 turns RL off")
-    gamma: float = option(0.9, "discount per decision")
-    lr: float = option(5e-4, "Adam learning rate")
-    batch_size: int = option(256, "transitions per gradient step")
-    buffer_size: int = option(100_000, "transitions kept in the replay buffer")
-    learning_starts: int = option(2_000, "transitions gathered before learning")
-    updates_per_step: int = option(1, "gradient steps per environment step")
-    target_tau: float = option(0.01, "Polyak rate of the target network")
-    eps_start: float = option(1.0, "exploration rate at the start")
-    eps_end: float = option(0.02, "exploration rate after eps_episodes")
-    eps_episodes: float = option(10.0, "episodes over which exploration decays")
-    reward_scale: float = option(0.1, "factor on the environment's reward")
-    kickstart: float = option(
-        0.0, "initial weight λ of the distillation term towards the teacher"
-    )
-    kickstart_episodes: float = option(
-        10.0, "episodes over which λ falls linearly to 0"
-    )
-    kickstart_temperature: float = option(1.0, "softmax temperature of that term")
-    eval_every: int = option(
-        5, "greedy evaluation episode on a held-out seed every this many episodes"
-    )
-    seed: int = option(0, "seed of the first training episode and of the network")
-
-    def epsilon(self, episode: float) -> float:
-        fraction = min(1.0, episode / max(self.eps_episodes, 1e-9))
-        return self.eps_start + (self.eps_end - self.eps_start) * fraction
-
-    def kickstart_weight(self, episode: float) -> float:
-        if self.kickstart <= 0:
-            return 0.0
-        fraction = min(1.0, episode / max(self.kickstart_episodes, 1e-9))
-        return self.kickstart * (1.0 - fraction)
 
 
 class ReplayBuffer:

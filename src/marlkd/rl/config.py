@@ -1,0 +1,46 @@
+"""Settings of DQN training, free of PyTorch so configs load without it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from marlkd.schema import option
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning: DQN for teachers, baselines and kickstarting."""
+
+    episodes: int = option(0, "training episodes; 0 turns RL off")
+    gamma: float = option(0.9, "discount per decision")
+    lr: float = option(5e-4, "Adam learning rate")
+    batch_size: int = option(256, "transitions per gradient step")
+    buffer_size: int = option(100_000, "transitions kept in the replay buffer")
+    learning_starts: int = option(2_000, "transitions gathered before learning")
+    updates_per_step: int = option(1, "gradient steps per environment step")
+    target_tau: float = option(0.01, "Polyak rate of the target network")
+    eps_start: float = option(1.0, "exploration rate at the start")
+    eps_end: float = option(0.02, "exploration rate after eps_episodes")
+    eps_episodes: float = option(10.0, "episodes over which exploration decays")
+    reward_scale: float = option(0.1, "factor on the environment's reward")
+    kickstart: float = option(
+        0.0, "initial weight λ of the distillation term towards the teacher"
+    )
+    kickstart_episodes: float = option(
+        10.0, "episodes over which λ falls linearly to 0"
+    )
+    kickstart_temperature: float = option(1.0, "softmax temperature of that term")
+    eval_every: int = option(
+        5, "greedy evaluation episode on a held-out seed every this many episodes"
+    )
+    seed: int = option(0, "seed of the first training episode and of the network")
+
+    def epsilon(self, episode: float) -> float:
+        fraction = min(1.0, episode / max(self.eps_episodes, 1e-9))
+        return self.eps_start + (self.eps_end - self.eps_start) * fraction
+
+    def kickstart_weight(self, episode: float) -> float:
+        if self.kickstart <= 0:
+            return 0.0
+        fraction = min(1.0, episode / max(self.kickstart_episodes, 1e-9))
+        return self.kickstart * (1.0 - fraction)
