@@ -13,7 +13,8 @@ Learning curves are greedy episodes on validation seed 9000; the final
 figures are 5 held-out seeds (10000-10004). Writes ``summary.json`` and
 ``curves.png`` into ``--out`` and prints the figures of the issue.
 
-Run:  .venv/bin/python bench/rl_vs_distill.py --scenarios grid4x4 arterial4 --seeds 0 1 2
+Run:  .venv/bin/python bench/rl_vs_distill.py --scenarios grid4x4 arterial4 \
+          --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from marlkd.config import RunConfig, TeacherConfig, load_config
 from marlkd.distill.dagger import distill
 from marlkd.envs.traffic.env import TrafficSignalEnv
 from marlkd.evaluate import evaluate_run, simulate
-from marlkd.rl.dqn import RLConfig, greedy_episode, train_dqn
+from marlkd.rl.dqn import RLConfig, train_dqn
 from marlkd.rl.train import train_teacher
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.students import AgentLayout, make_student
@@ -232,16 +233,19 @@ def steps_to_reach(curve: list[dict], threshold_s: float) -> int | None:
 
 def print_case(key: str, case: dict) -> None:
     mp = case["max_pressure_val_delay_s"]
-    t = case["rl_teacher"]["test"]
+    teacher = case["rl_teacher"]["test"]
+    from_mp = case["dagger_mp"]["test"]
+    kick = case["kickstart_mp"]["test"]["student"]
+    from_rl = case["dagger_rl"]["test"]["student"]
     lines = [
         f"{key}: MaxPressure (validation) {mp:.2f} s; wall {case['wall_s']:.0f} s",
         f"  scratch RL test {case['scratch']['test']['avg_delay_s']:.2f} s",
-        f"  DAgger<-MP test student {case['dagger_mp']['test']['student']['avg_delay_s']:.2f}"
-        f" teacher {case['dagger_mp']['test']['teacher']['avg_delay_s']:.2f}",
-        f"  kickstart test student {case['kickstart_mp']['test']['student']['avg_delay_s']:.2f}",
-        f"  RL teacher test {t['avg_delay_s']:.2f} s ({t['parameters']} params); DAgger<-RL"
-        f" student {case['dagger_rl']['test']['student']['avg_delay_s']:.2f}"
-        f" ({case['dagger_rl']['test']['student']['parameters']} params)",
+        f"  DAgger<-MP test student {from_mp['student']['avg_delay_s']:.2f}"
+        f" teacher {from_mp['teacher']['avg_delay_s']:.2f}",
+        f"  kickstart test student {kick['avg_delay_s']:.2f}",
+        f"  RL teacher test {teacher['avg_delay_s']:.2f} s"
+        f" ({teacher['parameters']} params); DAgger<-RL student"
+        f" {from_rl['avg_delay_s']:.2f} ({from_rl['parameters']} params)",
     ]
     print("\n".join(lines), flush=True)
 

@@ -399,7 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this file")
     p.set_defaults(func=cmd_evaluate)
 
+    from marlkd.export import add_deploy_args, add_export_args, cmd_deploy, cmd_export
     from marlkd.report import add_report_args, cmd_report
+
+    p = sub.add_parser(
+        "export", help="write the students as ONNX or TorchScript files with metadata"
+    )
+    add_export_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "deploy",
+        help="run exported students as the signal controllers, without PyTorch",
+    )
+    add_deploy_args(p)
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser(
         "report",
