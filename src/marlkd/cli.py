@@ -208,6 +208,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     if args.resume and args.out and (Path(args.out) / "config.yaml").exists():
         config = load_config(Path(args.out) / "config.yaml")
+        ignored = [
+            flag
+            for flag, value in (
+                ("--config", args.config),
+                ("--teacher", args.teacher),
+                ("--method", args.method),
+                ("--set", args.set),
+                ("--scenario", args.scenario),
+                ("--net", args.net),
+                ("--sumocfg", args.sumocfg),
+            )
+            if value
+        ]
+        if ignored:
+            logger.warning(
+                "--resume continues the run as %s/config.yaml sets it; ignoring %s",
+                args.out,
+                ", ".join(ignored),
+            )
     else:
         config = config_from_args(args)
     run_dir = prepare_run_dir(args.out, config, args.resume)
