@@ -7,7 +7,8 @@ all signals; one simulated hour is 359 of them):
 (b) DAgger distillation from MaxPressure, and from an RL-trained teacher;
 (c) kickstarting: one DAgger round from MaxPressure, then DQN with an
     annealed pull towards MaxPressure (Schmitt et al. 2018);
-(d) the teachers: MaxPressure, and a large MLP trained by DQN.
+(d) the teachers: MaxPressure, and a large phase network (384-384) trained
+    by DQN.
 
 Learning curves are greedy episodes on validation seed 9000; the final
 figures are 5 held-out seeds (10000-10004). Writes ``summary.json`` and
@@ -135,13 +136,15 @@ def run_case(scenario: str, seed: int, args, root: Path) -> dict:
     }
     case["kickstart_mp"]["test"] = test(run, args)
 
-    # (d) an RL teacher: a large MLP trained by DQN
+    # (d) an RL teacher: a large phase network trained by DQN
     run = root / "rl-teacher"
     teacher_config = load_config(
         None,
         [
             f"scenario.name={scenario}",
+            "network.kind=phase",
             "network.hidden=[384, 384]",
+            "network.agent_embedding=0",
             f"rl.episodes={args.teacher_episodes}",
             f"rl.eps_episodes={args.teacher_episodes / 3}",
             "rl.eval_every=2",
@@ -317,7 +320,7 @@ def plot(summary: dict, scenarios: list[str], path: Path) -> None:
         "scratch": ("RL from scratch (phase student)", "tab:red"),
         "dagger_mp": ("DAgger from MaxPressure", "tab:blue"),
         "kickstart_mp": ("kickstarting from MaxPressure", "tab:green"),
-        "rl_teacher": ("RL teacher (MLP 384-384)", "tab:purple"),
+        "rl_teacher": ("RL teacher (phase net 384-384)", "tab:purple"),
         "dagger_rl": ("DAgger from the RL teacher", "tab:orange"),
     }
     for ax, scenario in zip(axes, scenarios, strict=True):

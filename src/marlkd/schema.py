@@ -55,8 +55,29 @@ def from_dict(cls, data: dict | None, where: str = ""):
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise UserError(f"unknown config key '{path}': known keys here are {known}")
+        default = _default(fields[key])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A section given in part keeps the rest of this field's default,
+            # which may differ from the section class's own defaults.
+            value = _merge(dataclasses.asdict(default), value)
         kwargs[key] = _coerce(hints[key], value, path)
     return cls(**kwargs)
+
+
+def _default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _coerce(hint, value, path: str):
