@@ -15,7 +15,7 @@ import yaml
 
 from marlkd.envs.traffic.env import TrafficEnvConfig
 from marlkd.errors import UserError
-from marlkd.rl.config import RLConfig
+from marlkd.rl.config import PPOConfig, RLConfig
 from marlkd.schema import from_dict, option, to_dict
 
 
@@ -105,6 +105,17 @@ class CollectConfig:
         "after every round, run the student for one episode on the validation "
         "seed 9000 and log its delay (a learning curve against environment steps)",
     )
+    workers: int = option(
+        0,
+        "rollout workers: Ray actors in their own processes, one simulation each, "
+        "sharing each round's episodes; 0 collects in this process without Ray. "
+        "The data is the same for any number",
+    )
+    ray_address: str | None = option(
+        None,
+        "join this Ray cluster (e.g. auto, or ray://HOST:10001) instead of starting "
+        "a local Ray; with workers 0, one worker per CPU of the cluster",
+    )
 
     def beta_at(self, iteration: int) -> float:
         """β of a round: the chance that the teacher, not the student, acts."""
@@ -182,6 +193,11 @@ class RunConfig:
             raise UserError(
                 "collect.iterations and episodes_per_iteration must be >= 1"
             )
+        if self.collect.workers < 0:
+            raise UserError(
+                f"collect.workers is {self.collect.workers}: choose 0 (collect in "
+                "this process) or a number of Ray workers"
+            )
         if self.train.epochs < 1 or self.train.batch_size < 1:
             raise UserError("train.epochs and train.batch_size must be >= 1")
         if self.eval.episodes < 1:
@@ -224,7 +240,20 @@ class TeacherConfig:
         "the network trained; a large one for a teacher, a student-sized one for "
         "the RL-from-scratch baseline",
     )
+    algorithm: str = option(
+        "dqn",
+        "dqn: independent DQN with parameter sharing; ppo: IPPO, or MAPPO with "
+        "ppo.critic central",
+    )
+    observe: str = option(
+        "local",
+        "what the network sees: local (its own intersection), neighbours (its "
+        "own and up to `neighbours` neighbours' observations) or global (every "
+        "intersection's); the last two make a centralized teacher",
+    )
+    neighbours: int = option(4, "neighbour slots of observe: neighbours")
     rl: RLConfig = option(RLConfig(episodes=60), "DQN settings")
+    ppo: PPOConfig = option(PPOConfig(episodes=60), "PPO settings")
     eval: EvalConfig = option(
         EvalConfig(controllers=["teacher", "max-pressure", "fixed"]),
         "evaluation on held-out seeds",
@@ -233,8 +262,30 @@ class TeacherConfig:
     def validate(self) -> None:
         self.env.validate()
         _validate_rl(self.rl)
-        if self.rl.episodes < 1:
-            raise UserError("rl.episodes must be >= 1 to train a teacher")
+        if self.algorithm not in ("dqn", "ppo"):
+            raise UserError(f"algorithm is '{self.algorithm}': choose dqn or ppo")
+        if self.observe not in ("local", "neighbours", "global"):
+            raise UserError(
+                f"observe is '{self.observe}': choose local, neighbours or global"
+            )
+        if self.neighbours < 0:
+            raise UserError("neighbours must be 0 or more")
+        if self.observe != "local" and self.network.kind != "mlp":
+            raise UserError(
+                f"observe {self.observe} needs network.kind mlp: the phase network "
+                "reads one intersection's movements"
+            )
+        if self.observe != "local" and self.algorithm != "dqn":
+            raise UserError(
+                "a centralized teacher (observe neighbours or global) is trained "
+                "with algorithm dqn; set algorithm: dqn"
+            )
+        episodes = self.rl.episodes if self.algorithm == "dqn" else self.ppo.episodes
+        if episodes < 1:
+            raise UserError(
+                f"{self.algorithm if self.algorithm == 'ppo' else 'rl'}.episodes must"
+                " be >= 1 to train a teacher"
+            )
 
 
 def _validate_rl(rl: RLConfig) -> None:

@@ -7,6 +7,7 @@ back SUMO's episode figures.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -264,6 +265,7 @@ def evaluate_run(
         }
         observations, infos = env.reset(seed=seed)
         masks = {a: infos[a]["action_mask"] for a in env.agents}
+        state = env.state()
 
         results = {}
         for name in names:
@@ -283,7 +285,12 @@ def evaluate_run(
                 )
             entry = {"controller": getattr(policy, "name", name), **outcome}
             entry["mean"]["parameters"] = _parameters(policy)
-            entry["mean"].update(decision_latency_us(policy, observations, masks))
+            timed = (
+                functools.partial(policy, state=state)
+                if getattr(policy, "needs_state", False)
+                else policy
+            )
+            entry["mean"].update(decision_latency_us(timed, observations, masks))
             results[name] = entry
     finally:
         env.close()

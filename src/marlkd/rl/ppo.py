@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,9 +52,9 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from marlkd.distill.losses import kl_loss
+from marlkd.rl.config import PPOConfig
 from marlkd.rl.dqn import greedy_episode
 from marlkd.rollout.batching import AgentBatcher
-from marlkd.schema import option
 from marlkd.students.base import masked_value
 from marlkd.students.layout import AgentLayout
 from marlkd.tracking import MetricWriter
@@ -64,56 +63,6 @@ logger = logging.getLogger(__name__)
 
 CRITICS = ("local", "central")
 DEFAULT_CRITIC_HIDDEN = {"local": [64, 64], "central": [256, 256]}
-
-
-@dataclass
-class PPOConfig:
-    """Proximal policy optimisation with a shared policy, IPPO or MAPPO."""
-
-    episodes: int = option(0, "training episodes; 0 turns RL off")
-    episodes_per_update: int = option(
-        2, "whole episodes of every agent collected before each update"
-    )
-    gamma: float = option(0.99, "discount per decision")
-    gae_lambda: float = option(0.95, "λ of generalised advantage estimation")
-    clip: float = option(0.2, "clip range ε of the probability ratio")
-    lr: float = option(3e-4, "Adam learning rate of the policy and the critic")
-    update_epochs: int = option(4, "passes over the rollout per update")
-    minibatch_size: int = option(256, "agent decisions per gradient step")
-    entropy_coef: float = option(0.01, "weight c_H of the entropy bonus")
-    value_coef: float = option(0.5, "weight c_V of the value loss")
-    max_grad_norm: float = option(
-        0.5, "gradient norm clip, for the policy and the critic separately"
-    )
-    reward_scale: float = option(0.1, "factor on the environment's reward")
-    critic: str = option(
-        "local",
-        "value function: local (IPPO, the agent's own observation) or central"
-        " (MAPPO, the global state)",
-    )
-    critic_hidden: list[int] = option(
-        [], "hidden widths of the critic; empty: [64, 64] local, [256, 256] central"
-    )
-    value_norm: bool = option(
-        True, "normalise value targets by their running mean and std"
-    )
-    kickstart: float = option(
-        0.0, "initial weight λ of the distillation term towards the teacher"
-    )
-    kickstart_episodes: float = option(
-        10.0, "episodes over which λ falls linearly to 0"
-    )
-    kickstart_temperature: float = option(1.0, "softmax temperature of that term")
-    eval_every: int = option(
-        5, "greedy evaluation episode on a held-out seed every this many episodes"
-    )
-    seed: int = option(0, "seed of the first training episode and of the networks")
-
-    def kickstart_weight(self, episode: float) -> float:
-        if self.kickstart <= 0:
-            return 0.0
-        fraction = min(1.0, episode / max(self.kickstart_episodes, 1e-9))
-        return self.kickstart * (1.0 - fraction)
 
 
 class Critic(nn.Module):

@@ -10,6 +10,7 @@ curve sits beside a distilled student's:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -21,10 +22,12 @@ from marlkd.config import TeacherConfig, save_config
 from marlkd.envs.traffic.env import TrafficSignalEnv
 from marlkd.evaluate import TABLE_KEYS, decision_latency_us, format_table, simulate
 from marlkd.rl.dqn import train_dqn
+from marlkd.rl.ppo import train_ppo
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.students import AgentLayout, make_student
 from marlkd.students.checkpoint import save_student
 from marlkd.students.policy import StudentPolicy
+from marlkd.teachers.central import train_central_teacher
 from marlkd.teachers.registry import make_controller
 from marlkd.tracking import MetricWriter
 from marlkd.utils import atomic_write_text
@@ -39,34 +42,64 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
     logger.info("resolved config:\n%s", (run_dir / "config.yaml").read_text())
     env = TrafficSignalEnv(config.scenario.build(), config.env)
     writer = MetricWriter(run_dir)
+    # "local" trains on each signal's own observation; "neighbours" and
+    # "global" train a central teacher on its neighbours' observations too.
+    observe = config.observe
+    checkpoint = run_dir / "checkpoints" / "student.pt"
     try:
-        layout = AgentLayout.from_traffic_specs(env.specs, config.env.max_green)
-        batcher = AgentBatcher(
-            env.possible_agents, layout.max_obs_size, layout.max_actions
-        )
-        torch.manual_seed(config.rl.seed)
         n = config.network
-        network = make_student(
-            n.kind,
-            layout,
-            hidden=tuple(n.hidden),
-            shared=n.shared,
-            agent_embedding=n.agent_embedding,
-        )
-        logger.info("%s network, %d parameters", n.kind, network.num_parameters())
+        if observe == "local":
+            layout = AgentLayout.from_traffic_specs(env.specs, config.env.max_green)
+            batcher = AgentBatcher(
+                env.possible_agents, layout.max_obs_size, layout.max_actions
+            )
+            torch.manual_seed(config.rl.seed)
+            network = make_student(
+                n.kind,
+                layout,
+                hidden=tuple(n.hidden),
+                shared=n.shared,
+                agent_embedding=n.agent_embedding,
+            )
+            logger.info("%s network, %d parameters", n.kind, network.num_parameters())
 
-        started = time.perf_counter()
-        curve = train_dqn(
-            env, network, config.rl, batcher=batcher, writer=writer, progress=progress
-        )
-        train_s = time.perf_counter() - started
-        save_student(network, run_dir / "checkpoints" / "student.pt")
+            started = time.perf_counter()
+            train = train_dqn if config.algorithm == "dqn" else train_ppo
+            settings = config.rl if config.algorithm == "dqn" else config.ppo
+            curve = train(
+                env,
+                network,
+                settings,
+                batcher=batcher,
+                writer=writer,
+                progress=progress,
+            )
+            train_s = time.perf_counter() - started
+            save_student(network, checkpoint)
+            policy = StudentPolicy(network, batcher)
+        else:
+            started = time.perf_counter()
+            policy, curve = train_central_teacher(
+                env,
+                config.rl,
+                observe=observe,
+                k=config.neighbours,
+                kind=n.kind,
+                hidden=tuple(n.hidden),
+                shared=n.shared,
+                agent_embedding=n.agent_embedding,
+                writer=writer,
+                progress=progress,
+            )
+            train_s = time.perf_counter() - started
+            network = policy.student
+            policy.save(checkpoint)
         atomic_write_text(run_dir / "rl_curve.json", json.dumps(curve, indent=2))
 
         # evaluate: the trained network beside rule-based controllers
-        policy = StudentPolicy(network, batcher)
         observations, infos = env.reset(seed=config.eval.seed)
         masks = {a: infos[a]["action_mask"] for a in env.agents}
+        state = env.state()
         results = {}
         for name in config.eval.controllers:
             controller = policy if name == "teacher" else make_controller(name, env)
@@ -80,7 +113,12 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
             outcome["mean"]["parameters"] = (
                 network.num_parameters() if name == "teacher" else 0
             )
-            outcome["mean"].update(decision_latency_us(controller, observations, masks))
+            timed = (
+                functools.partial(controller, state=state)
+                if controller.needs_state
+                else controller
+            )
+            outcome["mean"].update(decision_latency_us(timed, observations, masks))
             results[name] = outcome
     finally:
         writer.close()
@@ -90,6 +128,7 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
         "run": str(run_dir),
         "scenario": env.scenario.name,
         "network": n.kind,
+        "observe": observe,
         "train_s": train_s,
         "env_steps": curve[-1]["env_steps"] if curve else 0,
         "seeds": list(range(config.eval.seed, config.eval.seed + config.eval.episodes)),

@@ -29,7 +29,8 @@ def make_teacher(spec: str, env, seed: int | None = None) -> Teacher:
     """A rule-based controller by name, or a trained network from a checkpoint.
 
     A path ending in ``.pt`` (or any existing file) is loaded as a student
-    checkpoint; its agents and sizes must fit the environment's.
+    checkpoint, or as a central teacher when ``CentralTeacher.save`` wrote it;
+    its agents and sizes must fit the environment's.
     """
     from pathlib import Path
 
@@ -37,8 +38,11 @@ def make_teacher(spec: str, env, seed: int | None = None) -> Teacher:
         return make_controller(spec, env, seed)
     path = Path(spec)
     if path.suffix == ".pt" or path.exists():
+        from marlkd.teachers.central import CentralTeacher, is_central_checkpoint
         from marlkd.teachers.network import NetworkTeacher
 
+        if is_central_checkpoint(path):
+            return CentralTeacher.from_checkpoint(path, env)
         return NetworkTeacher.from_checkpoint(path, env)
     raise UserError(
         f"unknown teacher '{spec}': choose one of {', '.join(CONTROLLERS)} or pass "
