@@ -52,7 +52,7 @@ def test_double_dqn_target_by_hand():
     loss, parts = _dqn_loss(online, target, batch, config, lam=0.0)
     # y = 0.5 + 0.9 * Q_target(s', 1) = 0.5 + 0.9 * 2 * 3 = 5.9; Q(s, 0) = 1.0
     # Huber with delta 1: |1 - 5.9| - 0.5 = 4.4
-    assert float(loss) == pytest.approx(4.4)
+    assert float(loss.detach()) == pytest.approx(4.4)
     assert parts["q_mean"] == pytest.approx(1.0)
 
 
@@ -72,7 +72,7 @@ def test_kickstart_term_is_added_with_its_weight():
     # TD part is 0; KL(p || uniform) with p = (1/4, 3/4)
     kl = 0.25 * np.log(0.25 / 0.5) + 0.75 * np.log(0.75 / 0.5)
     assert parts["kickstart_loss"] == pytest.approx(kl, rel=1e-5)
-    assert float(loss) == pytest.approx(0.5 * kl, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(0.5 * kl, rel=1e-5)
 
 
 def test_schedules():
