@@ -170,6 +170,10 @@ def config_from_args(args: argparse.Namespace, schema=None):
         overrides.append(f"teacher={json.dumps(args.teacher)}")
     if getattr(args, "method", None):
         overrides.append(f"collect.method={args.method}")
+    if getattr(args, "workers", None) is not None:
+        overrides.append(f"collect.workers={args.workers}")
+    if getattr(args, "ray_address", None):
+        overrides.append(f"collect.ray_address={json.dumps(args.ray_address)}")
     overrides += args.set or []
     return load_config(Path(args.config) if args.config else None, overrides, schema)
 
@@ -227,6 +231,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
                 args.out,
                 ", ".join(ignored),
             )
+        # where episodes run does not change the data: these may differ
+        if args.workers is not None:
+            config.collect.workers = args.workers
+        if args.ray_address:
+            config.collect.ray_address = args.ray_address
+        config.validate()
     else:
         config = config_from_args(args)
     run_dir = prepare_run_dir(args.out, config, args.resume)
@@ -377,6 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<scenario>-<teacher>-...)")
     p.add_argument(
         "--resume", action="store_true", help="continue the interrupted run in --out"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="collect on N Ray workers, one simulation each (collect.workers; "
+        "default 0: in this process, without Ray); may change on --resume",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="collect on the Ray cluster at ADDR, e.g. auto; without --workers, "
+        "one worker per free CPU (collect.ray_address)",
     )
     p.add_argument(
         "--set",

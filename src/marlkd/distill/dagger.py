@@ -33,8 +33,8 @@ from marlkd.distill.losses import DistillationLoss
 from marlkd.distill.trainer import Trainer
 from marlkd.envs.traffic.env import TrafficSignalEnv
 from marlkd.rl.dqn import greedy_episode, train_dqn
+from marlkd.rollout import make_collector
 from marlkd.rollout.batching import AgentBatcher
-from marlkd.rollout.local import LocalCollector
 from marlkd.students import AgentLayout, make_student
 from marlkd.students.checkpoint import save_student
 from marlkd.students.policy import StudentPolicy
@@ -79,7 +79,7 @@ def distill(
     state.setdefault("rounds_done", rounds_done)
 
     env = TrafficSignalEnv(config.scenario.build(), config.env)
-    writer = None
+    writer = collector = None
     try:
         layout = AgentLayout.from_traffic_specs(env.specs, config.env.max_green)
         batcher = AgentBatcher(
@@ -104,6 +104,17 @@ def distill(
             student_dim=student.feature_dim,
             teacher_dim=_teacher_feature_dim(teacher, env),
         )
+        c = config.collect
+        # in this process, or on Ray workers (started here, so that a missing
+        # Ray or a worker that cannot build the scenario fails before any write)
+        collector = make_collector(
+            env,
+            teacher,
+            batcher,
+            teacher_spec=config.teacher,
+            workers=c.workers,
+            ray_address=c.ray_address,
+        )
 
         # the inputs are sound: only now write to the run folder
         save_config(config, run_dir / "config.yaml")
@@ -124,9 +135,7 @@ def distill(
                 "scenario": env.scenario.name,
             }
         )
-        collector = LocalCollector(env, teacher, batcher)
         policy = StudentPolicy(student, batcher)
-        c = config.collect
         parts: list[Transitions] = [dataset.load_round(k) for k in range(rounds_done)]
 
         for k in range(rounds_done, c.iterations):
@@ -210,6 +219,8 @@ def distill(
     finally:
         if writer is not None:
             writer.close()
+        if collector is not None:
+            collector.close()
         env.close()
 
 

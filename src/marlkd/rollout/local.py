@@ -4,11 +4,17 @@ Each decision, the teacher labels the state every agent is in; the behaviour
 policy is the teacher with probability β and the student otherwise, drawn
 independently per agent and decision (Ross et al., 2011, DAgger). With β = 1
 this is behaviour cloning from the teacher's own rollouts.
+
+The teacher-or-student draws of an episode come from a generator seeded by
+the round, the episode's seed and one key drawn from the caller's generator
+(:func:`episode_rng`), so an episode's samples do not depend on which episodes
+ran before it, or where: the Ray collector gives the same data.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -20,6 +26,16 @@ from marlkd.teachers.base import Teacher
 logger = logging.getLogger(__name__)
 
 
+def episode_key(rng: np.random.Generator | None) -> int:
+    """The key of one collection's draws: one number from ``rng``, else 0."""
+    return 0 if rng is None else int(rng.integers(2**63 - 1))
+
+
+def episode_rng(key: int, round_index: int, seed: int) -> np.random.Generator:
+    """The generator of an episode's teacher-or-student draws."""
+    return np.random.default_rng([key, round_index, seed])
+
+
 class LocalCollector:
     """Collects teacher-labelled transitions in this process.
 
@@ -28,12 +44,20 @@ class LocalCollector:
             its infos and ``last_episode`` figures after each episode.
         teacher: labels every visited state.
         batcher: agent names and padded sizes of the dataset.
+
+    Attributes:
+        timings: per episode of the last ``collect``, its wall time
+            (``episode_s``), the part SUMO took (``sumo_s``), the CPU time of
+            this process (``cpu_s``) and its decisions.
+        last_timing: the same for the last episode run.
     """
 
     def __init__(self, env, teacher: Teacher, batcher: AgentBatcher):
         self.env = env
         self.teacher = teacher
         self.batcher = batcher
+        self.timings: list[dict] = []
+        self.last_timing: dict = {}
 
     def collect(
         self,
@@ -51,22 +75,42 @@ class LocalCollector:
             beta: probability that the teacher's action is taken.
             seeds: one episode per seed.
             round_index: recorded with every sample.
-            rng: draws the teacher-or-student choice.
+            rng: gives the key of the teacher-or-student draws (see
+                :func:`episode_rng`); None means key 0.
+            progress: show a progress bar over each episode's decisions.
 
         Returns:
-            The samples and each episode's network figures.
+            The samples, episode after episode in the order of ``seeds``, and
+            each episode's network figures.
         """
-        rng = rng or np.random.default_rng(seeds[0] if seeds else 0)
-        parts, episodes = [], []
+        key = episode_key(rng)
+        parts, episodes, self.timings = [], [], []
         for seed in seeds:
-            parts.append(
-                self._episode(behaviour, beta, seed, round_index, rng, progress)
+            data, figures = self.episode(
+                behaviour, beta, seed, round_index, key, progress
             )
-            episodes.append({"seed": seed, **self.env.last_episode.network})
+            parts.append(data)
+            episodes.append(figures)
+            self.timings.append(self.last_timing)
         return Transitions.concat(parts), episodes
 
-    def _episode(self, behaviour, beta, seed, round_index, rng, progress):
+    def close(self) -> None:
+        """Nothing to release: the environment belongs to the caller."""
+
+    def episode(
+        self,
+        behaviour: Teacher | None,
+        beta: float,
+        seed: int,
+        round_index: int,
+        key: int,
+        progress: bool = False,
+    ) -> tuple[Transitions, dict]:
+        """One episode: its labelled samples and its network figures."""
         env, teacher, batcher = self.env, self.teacher, self.batcher
+        rng = episode_rng(key, round_index, seed)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        sumo_before = env.timers["sumo_step_s"]
         teacher.reset()
         if behaviour is not None:
             behaviour.reset()
@@ -106,8 +150,9 @@ class LocalCollector:
             observations, _, _, _, infos = env.step(actions)
             bar.update()
         bar.close()
+
         n = sum(len(a) for a in rows["agent"])
-        return Transitions(
+        data = Transitions(
             obs=np.concatenate(rows["obs"]),
             agent=np.concatenate(rows["agent"]),
             mask=np.concatenate(rows["mask"]),
@@ -118,3 +163,11 @@ class LocalCollector:
             if features
             else None,
         )
+        self.last_timing = {
+            "seed": seed,
+            "decisions": len(rows["agent"]),
+            "episode_s": time.perf_counter() - started,
+            "cpu_s": time.process_time() - cpu_started,
+            "sumo_s": env.timers["sumo_step_s"] - sumo_before,
+        }
+        return data, {"seed": seed, **env.last_episode.network}
