@@ -8,7 +8,35 @@ from marlkd.schema import option
 
 
 @dataclass
-class RLConfig:
+class Kickstarting:
+    """What DQN and PPO share: the pull towards a teacher, evaluation, seed.
+
+    Kickstarting (Schmitt et al. 2018) adds λ_k times a distillation term to
+    the RL loss, λ falling linearly from ``kickstart`` to 0 over
+    ``kickstart_episodes`` episodes.
+    """
+
+    kickstart: float = option(
+        0.0, "initial weight λ of the distillation term towards the teacher"
+    )
+    kickstart_episodes: float = option(
+        10.0, "episodes over which λ falls linearly to 0"
+    )
+    kickstart_temperature: float = option(1.0, "softmax temperature of that term")
+    eval_every: int = option(
+        5, "greedy evaluation episode on a held-out seed every this many episodes"
+    )
+    seed: int = option(0, "seed of the first training episode and of the networks")
+
+    def kickstart_weight(self, episode: float) -> float:
+        if self.kickstart <= 0:
+            return 0.0
+        fraction = min(1.0, episode / max(self.kickstart_episodes, 1e-9))
+        return self.kickstart * (1.0 - fraction)
+
+
+@dataclass
+class RLConfig(Kickstarting):
     """Reinforcement learning: DQN for teachers, baselines and kickstarting."""
 
     episodes: int = option(0, "training episodes; 0 turns RL off")
@@ -23,31 +51,14 @@ class RLConfig:
     eps_end: float = option(0.02, "exploration rate after eps_episodes")
     eps_episodes: float = option(10.0, "episodes over which exploration decays")
     reward_scale: float = option(0.1, "factor on the environment's reward")
-    kickstart: float = option(
-        0.0, "initial weight λ of the distillation term towards the teacher"
-    )
-    kickstart_episodes: float = option(
-        10.0, "episodes over which λ falls linearly to 0"
-    )
-    kickstart_temperature: float = option(1.0, "softmax temperature of that term")
-    eval_every: int = option(
-        5, "greedy evaluation episode on a held-out seed every this many episodes"
-    )
-    seed: int = option(0, "seed of the first training episode and of the network")
 
     def epsilon(self, episode: float) -> float:
         fraction = min(1.0, episode / max(self.eps_episodes, 1e-9))
         return self.eps_start + (self.eps_end - self.eps_start) * fraction
 
-    def kickstart_weight(self, episode: float) -> float:
-        if self.kickstart <= 0:
-            return 0.0
-        fraction = min(1.0, episode / max(self.kickstart_episodes, 1e-9))
-        return self.kickstart * (1.0 - fraction)
-
 
 @dataclass
-class PPOConfig:
+class PPOConfig(Kickstarting):
     """Proximal policy optimisation with a shared policy, IPPO or MAPPO."""
 
     episodes: int = option(0, "training episodes; 0 turns RL off")
@@ -77,20 +88,3 @@ class PPOConfig:
     value_norm: bool = option(
         True, "normalise value targets by their running mean and std"
     )
-    kickstart: float = option(
-        0.0, "initial weight λ of the distillation term towards the teacher"
-    )
-    kickstart_episodes: float = option(
-        10.0, "episodes over which λ falls linearly to 0"
-    )
-    kickstart_temperature: float = option(1.0, "softmax temperature of that term")
-    eval_every: int = option(
-        5, "greedy evaluation episode on a held-out seed every this many episodes"
-    )
-    seed: int = option(0, "seed of the first training episode and of the networks")
-
-    def kickstart_weight(self, episode: float) -> float:
-        if self.kickstart <= 0:
-            return 0.0
-        fraction = min(1.0, episode / max(self.kickstart_episodes, 1e-9))
-        return self.kickstart * (1.0 - fraction)

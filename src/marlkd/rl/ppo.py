@@ -181,7 +181,10 @@ def clipped_surrogate(
     advantages: torch.Tensor,
     clip: float,
 ) -> torch.Tensor:
-    """-mean min(ρ Â, clip(ρ, 1 - ε, 1 + ε) Â), with ρ = exp(log π - log π_old)."""
+    """-mean min(ρ Â, clip(ρ, 1 - ε, 1 + ε) Â).
+
+    Here ρ = exp(log π - log π_old) is the probability ratio.
+    """
     ratio = (log_prob - old_log_prob).exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
