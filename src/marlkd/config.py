@@ -100,6 +100,11 @@ class CollectConfig:
     beta_final: float = option(0.0, "beta in the last round, for the linear schedule")
     beta_decay: float = option(0.5, "factor per round, for the exponential schedule")
     seed: int = option(0, "seed of the first training episode; then +1 each")
+    reuse: str | None = option(
+        None,
+        "the dataset folder of an earlier run (RUN/dataset) whose rounds join "
+        "every round's training data; its agents and sizes must match",
+    )
     validate: bool = option(
         False,
         "after every round, run the student for one episode on the validation "

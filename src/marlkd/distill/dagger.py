@@ -32,6 +32,7 @@ from marlkd.distill.dataset import DatasetFolder, Transitions
 from marlkd.distill.losses import DistillationLoss
 from marlkd.distill.trainer import Trainer
 from marlkd.envs.traffic.env import TrafficSignalEnv
+from marlkd.errors import UserError
 from marlkd.rl.dqn import greedy_episode, train_dqn
 from marlkd.rollout import make_collector
 from marlkd.rollout.batching import AgentBatcher
@@ -137,6 +138,8 @@ def distill(
         )
         policy = StudentPolicy(student, batcher)
         parts: list[Transitions] = [dataset.load_round(k) for k in range(rounds_done)]
+        if c.reuse:
+            parts.insert(0, reused_data(Path(c.reuse), dataset.read_meta()))
 
         for k in range(rounds_done, c.iterations):
             # collect: the first round, and every round of bc, is teacher-driven
@@ -180,10 +183,12 @@ def distill(
 
             # train on the aggregate of every round so far
             started = time.perf_counter()
-            fit = trainer.fit(Transitions.concat(parts), k, progress=progress)
+            aggregate = Transitions.concat(parts)
+            fit = trainer.fit(aggregate, k, progress=progress)
             writer.log(
                 trainer.global_epoch,
                 {
+                    "distill/train_samples": len(aggregate),
                     "distill/best_val_loss": fit.best_val_loss,
                     "distill/round_val_agreement": fit.val_agreement,
                     "timers/train_s": time.perf_counter() - started,
@@ -250,6 +255,21 @@ def kickstart(config, run_dir, env, student, teacher, batcher, writer, progress)
         progress=progress,
     )
     atomic_write_text(run_dir / "rl_curve.json", json.dumps(curve, indent=2))
+
+
+def reused_data(folder: Path, meta: dict) -> Transitions:
+    """All rounds of an earlier run's dataset, checked against this run's."""
+    earlier = DatasetFolder(folder)
+    other = earlier.read_meta()
+    for key in ("agents", "obs_size", "num_actions"):
+        if other.get(key) != meta[key]:
+            raise UserError(
+                f"{folder} was collected for other agents or sizes ({key} differs):"
+                " reuse a dataset of the same scenario"
+            )
+    data = earlier.load_all()
+    logger.info("reusing %d samples from %s", len(data), folder)
+    return data
 
 
 def _steps_per_episode(env) -> int:
