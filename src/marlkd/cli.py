@@ -250,21 +250,27 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
-    from marlkd.config import TeacherConfig
+    from marlkd.config import TeacherConfig, load_config
     from marlkd.rl.train import train_teacher
 
     _one_thread_for_small_networks()
 
-    config = config_from_args(args, TeacherConfig)
+    if args.resume:
+        if not args.out or not (Path(args.out) / "config.yaml").exists():
+            raise UserError("--resume needs --out RUN_DIR of a started train-teacher")
+        config = load_config(Path(args.out) / "config.yaml", schema=TeacherConfig)
+    else:
+        config = config_from_args(args, TeacherConfig)
     out = args.out or "runs/{}-{}-dqn-{}".format(
         config.scenario.name or "user",
         config.network.kind,
         __import__("time").strftime("%Y%m%d-%H%M%S"),
     )
     run_dir = Path(out)
-    if (run_dir / "checkpoints" / "student.pt").exists():
+    if (run_dir / "checkpoints").exists() and not args.resume:
         raise UserError(
-            f"{run_dir} already holds a trained network: choose another --out"
+            f"{run_dir} already holds a train-teacher run: pass --resume to continue"
+            " it, or choose another --out"
         )
     report = train_teacher(config, run_dir)
     print(report["table"])
@@ -417,12 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train-teacher",
-        help="train a network by RL (DQN): a large teacher or a from-scratch baseline",
+        help="train a network by RL (DQN or PPO): a large teacher or a from-scratch "
+        "baseline",
     )
     p.add_argument("--config", help="a YAML preset (see `marlkd config --teacher`)")
     add_scenario_args(p)
     p.add_argument(
         "--out", help="run folder (default runs/<scenario>-<network>-dqn-...)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its last finished episode",
     )
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key"

@@ -189,3 +189,36 @@ def test_train_teacher_and_use_it_as_a_teacher(tmp_path, cross_net, cross_routes
     assert (run / "rl_curve.json").exists() and (run / "rounds_curve.json").exists()
     results = json.loads((run / "results.json").read_text())
     assert results["controllers"]["teacher"]["controller"] == "network"
+
+
+def test_an_interrupted_dqn_run_resumes_to_the_same_weights(cross_env, tmp_path):
+    env = cross_env
+    layout = AgentLayout.from_traffic_specs(env.specs, env.config.max_green)
+    batcher = AgentBatcher(env.possible_agents, layout.max_obs_size, layout.max_actions)
+    config = RLConfig(episodes=3, learning_starts=20, batch_size=16, eval_every=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        return make_student("phase", layout)
+
+    whole = fresh()
+    whole_curve = train_dqn(
+        env, whole, config, batcher=batcher, checkpoint=tmp_path / "a.pt",
+        progress=False,
+    )  # fmt: skip
+
+    # the same run stopped after its second episode, then resumed
+    stopped = fresh()
+    short = RLConfig(**{**vars(config), "episodes": 2})
+    train_dqn(
+        env, stopped, short, batcher=batcher, checkpoint=tmp_path / "b.pt",
+        progress=False,
+    )  # fmt: skip
+    resumed = fresh()
+    curve = train_dqn(
+        env, resumed, config, batcher=batcher, checkpoint=tmp_path / "b.pt",
+        progress=False,
+    )  # fmt: skip
+    assert curve == whole_curve
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key

@@ -252,6 +252,7 @@ def kickstart(config, run_dir, env, student, teacher, batcher, writer, progress)
         teacher=teacher if config.rl.kickstart > 0 else None,
         writer=writer,
         step_offset=collected * _steps_per_episode(env),
+        checkpoint=run_dir / "checkpoints" / "rl_state.pt",
         progress=progress,
     )
     atomic_write_text(run_dir / "rl_curve.json", json.dumps(curve, indent=2))

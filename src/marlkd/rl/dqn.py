@@ -23,8 +23,11 @@ it:
 from __future__ import annotations
 
 import copy
+import io
+import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from marlkd.distill.losses import kl_loss
 from marlkd.rl.config import RLConfig
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.tracking import MetricWriter
+from marlkd.utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +98,7 @@ def train_dqn(
     writer: MetricWriter | None = None,
     eval_seed: int = 9_000,
     step_offset: int = 0,
+    checkpoint: Path | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Train ``network`` as a shared Q-function on ``env`` for ``config.episodes``.
@@ -109,6 +114,9 @@ def train_dqn(
             kept apart from training seeds and from the held-out test seeds.
         step_offset: environment steps already taken before this call (a
             distilled student's collection), so curves share one axis.
+        checkpoint: where the whole training state (networks, optimiser,
+            replay buffer, random generators) is written after every episode;
+            when it exists, training resumes from it.
 
     Returns:
         One record per greedy evaluation: ``env_steps``, ``episode`` and the
@@ -123,10 +131,17 @@ def train_dqn(
     buffer = ReplayBuffer(
         config.buffer_size, batcher.obs_size, batcher.num_actions, config.kickstart > 0
     )
-    env_steps, updates, curve = step_offset, 0, []
+    env_steps, updates, curve, start = step_offset, 0, [], 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        start, env_steps, updates, curve = _load_state(
+            checkpoint, network, target, optimizer, buffer, rng
+        )
+        logger.info("resuming RL at episode %d of %d", start, config.episodes)
 
     for episode in tqdm(
-        range(config.episodes), desc="rl episodes", disable=None if progress else True
+        range(start, config.episodes),
+        desc="rl episodes",
+        disable=None if progress else True,
     ):
         epsilon = config.epsilon(episode)
         lam = config.kickstart_weight(episode)
@@ -201,7 +216,49 @@ def train_dqn(
             )
         if writer is not None:
             writer.log(env_steps, metrics)
+        if checkpoint is not None:
+            _save_state(
+                checkpoint, episode + 1, env_steps, updates, curve,
+                network, target, optimizer, buffer, rng,
+            )  # fmt: skip
     return curve
+
+
+def _save_state(path, episode, env_steps, updates, curve, network, target,
+                optimizer, buffer, rng) -> None:  # fmt: skip
+    """Everything an interrupted run needs, written atomically."""
+    arrays = {k: v for k, v in vars(buffer).items() if isinstance(v, np.ndarray)}
+    state = {
+        "episode": episode,
+        "env_steps": env_steps,
+        "updates": updates,
+        "curve": json.dumps(curve),
+        "rng": json.dumps(rng.bit_generator.state),
+        "torch_rng": torch.get_rng_state(),
+        "network": network.state_dict(),
+        "target": target.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "buffer": {k: torch.from_numpy(v) for k, v in arrays.items()},
+        "buffer_size": buffer.size,
+        "buffer_pos": buffer.pos,
+    }
+    data = io.BytesIO()
+    torch.save(state, data)
+    atomic_write_bytes(Path(path), data.getvalue())
+
+
+def _load_state(path, network, target, optimizer, buffer, rng):
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    network.load_state_dict(state["network"])
+    target.load_state_dict(state["target"])
+    optimizer.load_state_dict(state["optimizer"])
+    for key, value in state["buffer"].items():
+        getattr(buffer, key)[...] = value.numpy()
+    buffer.size, buffer.pos = int(state["buffer_size"]), int(state["buffer_pos"])
+    rng.bit_generator.state = json.loads(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    curve = json.loads(state["curve"])
+    return int(state["episode"]), int(state["env_steps"]), int(state["updates"]), curve
 
 
 def greedy_episode(env, network, batcher: AgentBatcher, seed: int) -> dict:

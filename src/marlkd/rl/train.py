@@ -66,6 +66,11 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
             started = time.perf_counter()
             train = train_dqn if config.algorithm == "dqn" else train_ppo
             settings = config.rl if config.algorithm == "dqn" else config.ppo
+            resumable = (
+                {"checkpoint": run_dir / "checkpoints" / "rl_state.pt"}
+                if config.algorithm == "dqn"
+                else {}
+            )
             curve = train(
                 env,
                 network,
@@ -73,6 +78,7 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
                 batcher=batcher,
                 writer=writer,
                 progress=progress,
+                **resumable,
             )
             train_s = time.perf_counter() - started
             save_student(network, checkpoint)
