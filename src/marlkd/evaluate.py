@@ -226,20 +226,10 @@ def evaluate_run(
     from marlkd.students.checkpoint import check_layout, load_student
     from marlkd.students.policy import StudentPolicy
     from marlkd.teachers.registry import make_controller, make_teacher
-    from marlkd.utils import atomic_write_text
+    from marlkd.utils import atomic_write_text, run_checkpoint
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise UserError(
-            f"{run_dir} is not a marlkd run folder (no config.yaml): pass the --out "
-            "folder of `marlkd distill`"
-        )
-    checkpoint = run_dir / "checkpoints" / "student.pt"
-    if not checkpoint.exists():
-        raise UserError(
-            f"{checkpoint} not found: the run has not finished a round; resume it "
-            "with `marlkd distill --resume --out RUN_DIR`"
-        )
+    checkpoint = run_checkpoint(run_dir)
     if episodes is not None and episodes < 1:
         raise UserError(f"--episodes is {episodes}: evaluate at least 1 episode")
     config = load_config(run_dir / "config.yaml")

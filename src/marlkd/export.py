@@ -752,19 +752,10 @@ def export_run(
     from marlkd.envs.traffic.env import TrafficSignalEnv
     from marlkd.schema import to_dict
     from marlkd.students import AgentLayout, check_layout, load_student
+    from marlkd.utils import run_checkpoint
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(
-            f"{run_dir} is not a marlkd run folder (no config.yaml): pass the --out "
-            "folder of `marlkd distill`"
-        )
-    checkpoint = run_dir / "checkpoints" / "student.pt"
-    if not checkpoint.is_file():
-        raise UserError(
-            f"{checkpoint} not found: the run has not finished a round; resume it "
-            "with `marlkd distill --resume --out RUN_DIR`"
-        )
+    checkpoint = run_checkpoint(run_dir)
     config = load_config(run_dir / "config.yaml")
     student = load_student(checkpoint)
 

@@ -40,3 +40,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def run_checkpoint(run_dir: Path) -> Path:
+    """The student checkpoint of a ``marlkd distill`` run folder.
+
+    Raises:
+        UserError: the folder is not a run, or no round has finished yet.
+    """
+    from marlkd.errors import UserError
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(
+            f"{run_dir} is not a marlkd run folder (no config.yaml): pass the --out "
+            "folder of `marlkd distill`"
+        )
+    checkpoint = run_dir / "checkpoints" / "student.pt"
+    if not checkpoint.is_file():
+        raise UserError(
+            f"{checkpoint} not found: the run has not finished a round; resume it "
+            "with `marlkd distill --resume --out RUN_DIR`"
+        )
+    return checkpoint
