@@ -118,6 +118,12 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def check_embedding(agent_embedding: int) -> None:
+    """An agent embedding has a size of 0 (none) or more."""
+    if agent_embedding < 0:
+        raise UserError(f"agent_embedding is {agent_embedding}: give 0 (none) or more")
+
+
 def check_hidden(hidden) -> tuple[int, ...]:
     """``hidden`` as a tuple of positive layer widths."""
     hidden = tuple(int(h) for h in hidden)

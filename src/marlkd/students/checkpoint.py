@@ -68,7 +68,7 @@ def load_student(
     name = "the checkpoint"
     if not isinstance(source, Mapping):
         name = str(source)
-        state = _read(Path(source))
+        state = read_checkpoint(Path(source))
     else:
         state = source
 
@@ -103,7 +103,13 @@ def load_student(
     return student.eval()
 
 
-def _read(path: Path) -> object:
+def read_checkpoint(path: Path) -> object:
+    """A checkpoint's contents, loaded with ``weights_only=True``.
+
+    Raises:
+        UserError: the file is missing or is not a checkpoint PyTorch can load
+            without unpickling code.
+    """
     if not path.is_file():
         raise UserError(
             f"no student checkpoint at {path}: check the path, or distil a "

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from marlkd.errors import UserError
 from marlkd.students.base import (
     Student,
     StudentOutput,
+    check_embedding,
     check_hidden,
     mask_logits,
     masked_value,
@@ -46,10 +46,7 @@ class MLPStudent(Student):
         agent_embedding: int = 8,
     ):
         hidden = check_hidden(hidden)
-        if agent_embedding < 0:
-            raise UserError(
-                f"agent_embedding is {agent_embedding}: give 0 (none) or more"
-            )
+        check_embedding(agent_embedding)
         super().__init__(
             layout,
             {

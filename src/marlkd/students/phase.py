@@ -29,7 +29,14 @@ import torch
 from torch import nn
 
 from marlkd.errors import UserError
-from marlkd.students.base import Student, StudentOutput, check_hidden, mask_logits, mlp
+from marlkd.students.base import (
+    Student,
+    StudentOutput,
+    check_embedding,
+    check_hidden,
+    mask_logits,
+    mlp,
+)
 from marlkd.students.layout import AgentLayout
 
 
@@ -66,10 +73,7 @@ class PhaseStudent(Student):
                 "environment's layout lacks: use student kind 'mlp'"
             )
         hidden = check_hidden(hidden)
-        if agent_embedding < 0:
-            raise UserError(
-                f"agent_embedding is {agent_embedding}: give 0 (none) or more"
-            )
+        check_embedding(agent_embedding)
         super().__init__(
             layout,
             {

@@ -43,7 +43,12 @@ from marlkd.envs.traffic.neighbours import (
 from marlkd.errors import UserError
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.students import make_student
-from marlkd.students.checkpoint import check_layout, load_student, student_state
+from marlkd.students.checkpoint import (
+    check_layout,
+    load_student,
+    read_checkpoint,
+    student_state,
+)
 from marlkd.students.policy import StudentPolicy
 from marlkd.teachers.base import Teacher, TeacherOutput
 from marlkd.utils import atomic_write_bytes
@@ -123,7 +128,7 @@ class CentralTeacher(Teacher):
                 other agents or observation sizes than ``env``'s.
         """
         path = Path(path)
-        state = _read(path)
+        state = read_checkpoint(path)
         if not isinstance(state, Mapping) or state.get("observe") not in OBSERVE_MODES:
             raise UserError(
                 f"{path} is not a central teacher checkpoint: pass the "
@@ -156,23 +161,10 @@ def is_central_checkpoint(path: str | Path) -> bool:
     if not path.is_file():
         return False
     try:
-        state = _read(path)
+        state = read_checkpoint(path)
     except UserError:
         return False
     return isinstance(state, Mapping) and state.get("observe") in OBSERVE_MODES
-
-
-def _read(path: Path) -> object:
-    if not path.is_file():
-        raise UserError(f"no teacher checkpoint at {path}: check the path")
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # torch raises several types for a bad file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(
-            f"{path} could not be read as a checkpoint ({first}): pass a file "
-            "written by marlkd"
-        ) from exc
 
 
 def train_central_teacher(
