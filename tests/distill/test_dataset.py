@@ -215,3 +215,43 @@ def test_collected_round_has_the_documented_format(tmp_path, cross_net, cross_ro
         allowed = np.where(arrays["mask"], arrays["teacher_scores"], -np.inf)
         np.testing.assert_allclose(allowed[rows, action], allowed.max(axis=1))
     assert episodes[0]["seed"] == 0 and episodes[0]["vehicles"] > 0
+
+
+# ----------------------------------------------------- reinforcement learning
+def rl_transitions(n: int, *, labelled: bool, seed: int = 0) -> Transitions:
+    rng = np.random.default_rng(seed)
+    data = transitions(n, features=False, seed=seed)
+    if not labelled:
+        data.teacher_scores = data.teacher_action = None
+    data.action = rng.integers(0, 4, n).astype(np.int64)
+    data.reward = rng.normal(size=n).astype(np.float32)
+    data.next_obs = rng.normal(size=(n, 6)).astype(np.float32)
+    data.next_mask = data.mask[::-1].copy()
+    data.episode = np.full(n, seed, dtype=np.int64)
+    data.step = np.arange(n, dtype=np.int32)
+    return data
+
+
+def test_rl_samples_concat_with_or_without_labels():
+    parts = [rl_transitions(3, labelled=False, seed=s) for s in (0, 1)]
+    data = Transitions.concat(parts)
+    assert data.teacher_scores is None and data.state is None
+    assert data.episode.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(data.reward[3:], parts[1].reward)
+    # a labelled and an unlabelled part: labels only where every part has them
+    mixed = Transitions.concat([rl_transitions(2, labelled=True), parts[0]])
+    assert mixed.teacher_action is None and len(mixed.next_obs) == 5
+
+
+def test_rl_samples_round_trip_and_old_rounds_still_load(tmp_path):
+    data = rl_transitions(5, labelled=True)
+    data.save(tmp_path / "rl.npz")
+    assert_same(Transitions.load(tmp_path / "rl.npz"), data)
+
+    # a round written before the RL arrays existed: exactly the documented keys
+    old = transitions(4, features=True)
+    arrays = {k: getattr(old, k) for k in DOCUMENTED}
+    np.savez_compressed(tmp_path / "round_000.npz", **arrays)
+    loaded = DatasetFolder(tmp_path).load_round(0)
+    assert_same(loaded, old)
+    assert loaded.action is None and loaded.next_obs is None

@@ -1,4 +1,4 @@
-"""Teacher-labelled transitions and their on-disk format.
+"""Collected transitions, teacher-labelled for distillation, and their format.
 
 A dataset folder holds one file per collection round and a description:
 
@@ -18,6 +18,24 @@ Each ``round_*.npz`` holds, for N samples (one per agent per decision):
     round           int32   [N]     the collection round
     teacher_features float32 [N, F] optional, for feature matching
 
+A collection for reinforcement learning (``LocalCollector.collect`` with
+``rl=True``) records, on the same rows, what the behaviour did and what
+followed; the teacher's labels are then optional (kickstarting wants them,
+plain RL does not):
+
+    action          int64   [N]     the action the behaviour policy took
+    reward          float32 [N]     the agent's reward for it
+    next_obs        float32 [N, D]  the agent's next observation, zero-padded
+    next_mask       bool    [N, A]  actions allowed after it
+    episode         int64   [N]     the episode's seed
+    step            int32   [N]     the decision's index within its episode
+
+and, for a centralized critic (``state=True``), the global state around it:
+
+    state           float32 [N, S]  ``env.state()`` when the agent acted
+    next_state      float32 [N, S]  ``env.state()`` after the decision
+
+Rows come episode after episode, decision after decision, agent after agent.
 Files are written atomically, so a run interrupted mid-write keeps every round
 it completed. The arrays load with ``numpy.load`` and nothing else.
 """
@@ -38,18 +56,34 @@ from marlkd.utils import atomic_write_bytes, atomic_write_text
 
 FORMAT = 1
 
+LABELLED = ("obs", "agent", "mask", "teacher_scores", "teacher_action", "round")
+"""The arrays every dataset file holds; the others are optional."""
+
 
 @dataclass
 class Transitions:
-    """A batch of labelled samples; see the module docstring for the fields."""
+    """A batch of samples; see the module docstring for the fields.
+
+    ``teacher_scores`` and ``teacher_action`` are None in a collection no
+    teacher labelled; every field after ``teacher_features`` is None unless
+    the collection recorded it for reinforcement learning.
+    """
 
     obs: np.ndarray
     agent: np.ndarray
     mask: np.ndarray
-    teacher_scores: np.ndarray
-    teacher_action: np.ndarray
+    teacher_scores: np.ndarray | None
+    teacher_action: np.ndarray | None
     round: np.ndarray
     teacher_features: np.ndarray | None = None
+    action: np.ndarray | None = None
+    reward: np.ndarray | None = None
+    next_obs: np.ndarray | None = None
+    next_mask: np.ndarray | None = None
+    episode: np.ndarray | None = None
+    step: np.ndarray | None = None
+    state: np.ndarray | None = None
+    next_state: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.agent)
@@ -62,12 +96,14 @@ class Transitions:
                 "the dataset is empty: collect at least one episode "
                 "(collect.iterations and collect.episodes_per_iteration >= 1)"
             )
-        with_features = all(p.teacher_features is not None for p in parts)
+        # an optional array is kept when every part has it
         arrays = {}
         for f in fields(cls):
-            if f.name == "teacher_features" and not with_features:
-                continue
-            arrays[f.name] = np.concatenate([getattr(p, f.name) for p in parts])
+            values = [getattr(p, f.name) for p in parts]
+            if any(v is None for v in values):
+                arrays[f.name] = None
+            else:
+                arrays[f.name] = np.concatenate(values)
         return cls(**arrays)
 
     def subset(self, index: np.ndarray) -> Transitions:
@@ -97,15 +133,14 @@ class Transitions:
                 f"{path} is not a readable marlkd dataset file ({exc}): delete it "
                 "to collect that round again"
             ) from exc
-        missing = {f.name for f in fields(cls) if f.name != "teacher_features"} - set(
-            arrays
-        )
+        missing = set(LABELLED) - set(arrays)
         if missing:
             raise UserError(
                 f"{path} lacks {', '.join(sorted(missing))}: it was not written by"
                 " marlkd; delete it to collect that round again"
             )
-        return cls(**arrays)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in arrays.items() if k in known})
 
 
 class DatasetFolder:
