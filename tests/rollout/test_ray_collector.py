@@ -342,3 +342,73 @@ def test_resume_may_change_where_episodes_run(tmp_path, monkeypatch):
         2,
         "auto",
     )
+
+
+# ----------------------------------------------------- reinforcement learning
+def rl_collect(collector, student, batcher, epsilon=0.3, rng=None, **record):
+    """An RL collection: ε-greedy on ``student``, rewards and global states."""
+    from marlkd.rl.behaviour import EpsilonGreedy
+
+    return collector.collect(
+        EpsilonGreedy(student, batcher, epsilon),
+        0.0,
+        SEEDS,
+        ROUND,
+        _rng() if rng is None else rng,
+        progress=False,
+        **{"label": False, "rl": True, "state": True, **record},
+    )
+
+
+@pytest.fixture(scope="module")
+def rl_reference(cross):
+    env, batcher, student = cross
+    local = LocalCollector(env, None, batcher)
+    return rl_collect(local, student, batcher)
+
+
+def test_rl_samples_chain_into_episodes(cross, rl_reference):
+    env, batcher, _ = cross
+    data, episodes = rl_reference
+    assert data.teacher_scores is None and data.teacher_action is None
+    assert list(dict.fromkeys(data.episode.tolist())) == SEEDS
+    rows = np.arange(len(data))
+    assert data.mask[rows, data.action].all()
+    assert np.isfinite(data.reward).all() and (data.reward != 0).any()
+    for seed in SEEDS:
+        at = np.flatnonzero(data.episode == seed)
+        assert data.step[at].tolist() == list(range(len(at)))  # one agent
+        # what follows a decision is what the next one sees
+        np.testing.assert_array_equal(data.next_obs[at[:-1]], data.obs[at[1:]])
+        np.testing.assert_array_equal(data.next_mask[at[:-1]], data.mask[at[1:]])
+        np.testing.assert_array_equal(data.next_state[at[:-1]], data.state[at[1:]])
+    assert data.state.shape == (len(data), env.state_space.shape[0])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_same_rl_data_for_any_number_of_workers(
+    ray_collectors, cross, rl_reference, workers
+):
+    env, batcher, student = cross
+    data, episodes = rl_collect(ray_collectors[workers], student, batcher)
+    assert_same(data, rl_reference[0])
+    assert episodes == rl_reference[1]
+
+
+def test_the_exploration_draws_shape_the_rl_data(cross, rl_reference):
+    env, batcher, student = cross
+    local = LocalCollector(env, None, batcher)
+    other, _ = rl_collect(local, student, batcher, rng=np.random.default_rng(1))
+    assert len(other) == len(rl_reference[0])
+    assert not np.array_equal(other.action, rl_reference[0].action)
+
+
+def test_rl_samples_labelled_on_workers_when_kickstarting(
+    ray_collectors, cross, rl_reference
+):
+    env, batcher, student = cross
+    data, _ = rl_collect(ray_collectors[2], student, batcher, label=True)
+    assert data.teacher_scores is not None and data.teacher_action is not None
+    np.testing.assert_array_equal(data.action, rl_reference[0].action)
+    with pytest.raises(ValueError, match="behaviour policy takes every action"):
+        ray_collectors[1].collect(None, 0.0, SEEDS, label=False, rl=True)

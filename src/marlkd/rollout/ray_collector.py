@@ -4,8 +4,10 @@ libsumo runs one simulation per process, so collecting in parallel takes
 processes. Each worker is a Ray actor that builds its own environment and
 teacher from picklable specs (the scenario, the environment settings and the
 teacher's name or checkpoint path) and keeps them from round to round. The
-learner stays in the driver: every ``collect`` sends the student's weights
-(``student_state``) to the workers once, through Ray's object store.
+learner stays in the driver: every ``collect`` sends the weights of the
+behaviour's network (``student_state``: the student's for DAgger, the
+Q-network's or the policy's for RL) to the workers once, through Ray's object
+store.
 
 One task is one episode. Episodes come back in the order of their seeds, and
 an episode's teacher-or-student draws depend only on its round, its seed and
@@ -21,12 +23,14 @@ collection at once, since running it again would fail the same way.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +41,7 @@ from marlkd.envs.traffic.env import TrafficEnvConfig
 from marlkd.envs.traffic.scenarios import Scenario
 from marlkd.errors import UserError
 from marlkd.rollout.batching import AgentBatcher
-from marlkd.rollout.local import LocalCollector, episode_key
+from marlkd.rollout.local import LocalCollector, check_request, episode_key
 from marlkd.teachers.base import Teacher
 
 logger = logging.getLogger(__name__)
@@ -56,18 +60,23 @@ class WorkerSpec:
             files on a node that lacks them; a user's files must be at the
             same path on every node).
         env: the environment settings.
-        teacher: a rule-based controller's name or a checkpoint's path.
+        teacher: a rule-based controller's name or a checkpoint's path; None
+            for collections without labels.
         batcher: agent names and padded sizes of the dataset.
         scratch: the folder under which each worker's SUMO writes its outputs;
             the driver removes it at the end, with the outputs of workers that
             died before removing their own.
+        wrap: applied to each worker's environment, as to the driver's (for
+            example the neighbourhood views of a central teacher); None for
+            the environment itself.
     """
 
     scenario: Scenario
     env: TrafficEnvConfig
-    teacher: str
+    teacher: str | None
     batcher: AgentBatcher
     scratch: str
+    wrap: Callable | None = None
 
 
 class CollectorWorker:
@@ -94,21 +103,25 @@ class CollectorWorker:
             torch.set_num_threads(1)  # one core per worker; the networks are tiny
             self._output = Path(spec.scratch) / f"worker-{os.getpid()}"
             env = TrafficSignalEnv(spec.scenario, spec.env, output_dir=self._output)
-            self.collector = LocalCollector(
-                env, make_teacher(spec.teacher, env), spec.batcher
-            )
+            if spec.wrap is not None:
+                env = spec.wrap(env)
+            teacher = None if spec.teacher is None else make_teacher(spec.teacher, env)
+            self.collector = LocalCollector(env, teacher, spec.batcher)
         return os.getpid()
 
-    def episode(self, spec, behaviour: list, beta, seed, round_index, key):
+    def episode(self, spec, behaviour: list, beta, seed, round_index, key, record):
         """Run one episode; its samples, network figures and timings.
 
         ``behaviour`` holds the reference of the behaviour payload unresolved,
         so a worker deserialises the weights once per collection, not once per
-        episode.
+        episode. ``record`` holds ``collect``'s keyword arguments ``label``,
+        ``rl`` and ``state``.
         """
         self.setup(spec)
-        policy = self._behaviour(behaviour[0], spec.batcher)
-        data, figures = self.collector.episode(policy, beta, seed, round_index, key)
+        policy = self._behaviour(behaviour[0])
+        data, figures = self.collector.episode(
+            policy, beta, seed, round_index, key, **record
+        )
         return data, figures, self.collector.last_timing
 
     def close(self) -> None:
@@ -117,18 +130,19 @@ class CollectorWorker:
             self.collector = None
             shutil.rmtree(self._output, ignore_errors=True)
 
-    def _behaviour(self, ref, batcher: AgentBatcher) -> Teacher | None:
+    def _behaviour(self, ref) -> Teacher | None:
         if ref.hex() != self._policy_id:
             import ray
 
             from marlkd.students.checkpoint import load_student
-            from marlkd.students.policy import StudentPolicy
 
             payload = ray.get(ref)
             if payload is None:
                 self._policy = None
             elif payload[0] == "student":
-                self._policy = StudentPolicy(load_student(payload[1]), batcher)
+                _, state, shell = payload
+                self._policy = copy.copy(shell)
+                self._policy.student = load_student(state)
             else:
                 self._policy = payload[1]
             self._policy_id = ref.hex()
@@ -136,7 +150,7 @@ class CollectorWorker:
 
 
 class RayCollector:
-    """Collects teacher-labelled transitions on Ray actors, one episode per task.
+    """Collects transitions on Ray actors, one episode per task.
 
     Same interface as :class:`~marlkd.rollout.local.LocalCollector`; call
     :meth:`close` (or use it as a context manager) to stop the workers.
@@ -144,13 +158,16 @@ class RayCollector:
     Args:
         scenario: the network and demand every worker simulates.
         env_config: the environment settings.
-        teacher: a rule-based controller's name or a checkpoint's path.
+        teacher: a rule-based controller's name or a checkpoint's path; None
+            for collections without labels.
         batcher: agent names and padded sizes of the dataset.
         workers: actors to start, one CPU each; 0 means one per CPU of the
             Ray cluster.
         address: a Ray cluster to join; None starts a local Ray with
             ``workers`` CPUs, unless this process already runs Ray.
         max_attempts: runs of one episode before the collection gives up.
+        wrap: a picklable function applied to every worker's environment
+            (see ``WorkerSpec.wrap``).
 
     Attributes:
         timings: per episode of the last ``collect``, the worker's timings
@@ -164,12 +181,13 @@ class RayCollector:
         self,
         scenario: Scenario,
         env_config: TrafficEnvConfig,
-        teacher: str,
+        teacher: str | None,
         batcher: AgentBatcher,
         *,
         workers: int = 0,
         address: str | None = None,
         max_attempts: int = 3,
+        wrap: Callable | None = None,
     ):
         if env_config.gui:
             raise UserError(
@@ -202,13 +220,19 @@ class RayCollector:
             )
 
         self.batcher = batcher
+        self.labels = teacher is not None
         self.max_attempts = max_attempts
         self.timings: list[dict] = []
         self.replaced = 0
         self._scratch = tempfile.mkdtemp(prefix="marlkd-ray-")
         self._spec = ray.put(
             WorkerSpec(
-                scenario, env_config, _portable_teacher(teacher), batcher, self._scratch
+                scenario,
+                env_config,
+                None if teacher is None else _portable_teacher(teacher),
+                batcher,
+                self._scratch,
+                wrap,
             )
         )
         self._actor = ray.remote(num_cpus=1, max_restarts=0)(CollectorWorker)
@@ -241,14 +265,21 @@ class RayCollector:
         round_index: int = 0,
         rng=None,
         progress: bool = True,
+        *,
+        label: bool = True,
+        rl: bool = False,
+        state: bool = False,
     ) -> tuple[Transitions, list[dict]]:
         """Run one episode per seed on the workers; see ``LocalCollector.collect``.
 
-        A ``StudentPolicy`` behaviour travels as its student's weights; any
-        other behaviour policy is pickled as it is.
+        A behaviour acting through a marlkd student (``StudentPolicy``, or
+        RL's exploring policies) travels as the student's weights; any other
+        behaviour policy is pickled as it is.
         """
         ray = import_ray()
+        check_request(self.labels, behaviour, beta, label)
         key = episode_key(rng)
+        record = {"label": label, "rl": rl, "state": state}
         payload = ray.put(_behaviour_payload(behaviour, beta))
         todo = deque(enumerate(seeds))
         attempts = [0] * len(seeds)
@@ -267,7 +298,7 @@ class RayCollector:
                     w = idle.popleft()
                     position, seed = todo.popleft()
                     task = self._workers[w].episode.remote(
-                        self._spec, [payload], beta, seed, round_index, key
+                        self._spec, [payload], beta, seed, round_index, key, record
                     )
                     running[task] = (w, position, seed, time.perf_counter())
                 (task,), _ = ray.wait(list(running), num_returns=1)
@@ -389,12 +420,15 @@ def _behaviour_payload(behaviour: Teacher | None, beta: float):
     """What workers rebuild the behaviour policy from; None if it never acts."""
     from marlkd.students.base import Student
     from marlkd.students.checkpoint import student_state
-    from marlkd.students.policy import StudentPolicy
 
     if behaviour is None or beta >= 1.0:
         return None
-    if isinstance(behaviour, StudentPolicy) and isinstance(behaviour.student, Student):
-        return ("student", student_state(behaviour.student))
+    student = getattr(behaviour, "student", None)
+    if isinstance(student, Student):
+        # the weights as tensors, the rest of the policy (batcher, epsilon) as is
+        shell = copy.copy(behaviour)
+        shell.student = None
+        return ("student", student_state(student), shell)
     return ("policy", behaviour)
 
 

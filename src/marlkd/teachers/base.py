@@ -35,6 +35,10 @@ class Teacher(ABC):
     name: str = "teacher"
     needs_state: bool = False
     """Whether ``act`` wants the environment's global ``state()``."""
+    explores: bool = False
+    """Whether ``act`` draws random numbers: a collector then gives each episode
+    its own generator through ``reset(rng)``, so the draws repeat wherever the
+    episode runs."""
 
     def reset(self) -> None:  # noqa: B027 - stateless teachers need nothing
         """Forget any per-episode memory; called at every episode start."""
