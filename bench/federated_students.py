@@ -1,41 +1,46 @@
-"""Students that learn together: federated averaging against one central student.
+"""Students that learn together: federated averaging and mutual distillation.
 
 ``--clients`` students each see only their own part of the teacher-labelled
 data, as rollout workers or intersections would keep it: the samples of their
 own episodes (``--split episodes``) or of their own signals (``--split
-agents``). Each round, every client trains a copy of the shared student for
-``--local-epochs`` epochs on its part with a fresh AdamW, and the copies are
-averaged, weighted by their sample counts, into the next shared student
-(FedAvg; McMahan et al., 2017, "Communication-Efficient Learning of Deep
-Networks from Decentralized Data"):
+agents``). They learn together with :func:`marlkd.distill.cooperative.
+learn_together`, for ``--rounds`` rounds of ``--local-epochs`` local epochs:
 
-    w_{t+1} = sum_k (n_k / n) w_{t+1}^k
+- ``fedavg``: every round the clients' students are averaged, weighted by
+  their sample counts, into the next shared student (McMahan et al., 2017);
+  only parameters travel.
+- ``mutual``: each client keeps its own student and adds to its teacher loss
+  the KL towards its peers' softened predictions of the previous round, on the
+  states (not the labels) of every client, exchanged once (deep mutual
+  learning, Zhang et al., 2018); only logits travel after the start. Client 0's
+  student is scored, beside the mean agreement of all clients.
 
-The central student trains on all the data for ``--rounds`` x
-``--local-epochs`` epochs, so both see every sample equally often: the same
-data budget and the same number of gradient steps in all. A client trained on
-its own part alone shows what learning together buys.
+They are compared with one central student trained on all the data and with
+client 0 trained alone on its part, both for the same rounds of the same local
+epochs (so the central student sees every sample as often as the clients do),
+the same batch size and a fresh AdamW each round.
 
-Clients train one after another in this process: the arithmetic is FedAvg's
-whatever runs it; spreading the clients over Ray workers is not part of this
-comparison. The data is collected on ``--workers`` Ray workers (0: in this
-process) by the MaxPressure teacher driving (β = 1).
+The clients train on ``--workers`` Ray actors (0: in this process), which also
+collect the data (MaxPressure driving, β = 1). ``--in-process-too`` trains the
+clients a second time in this process, to time both and check that they end
+with the same parameters.
 
-Scored on held-out seeds: agreement with the teacher and the KL loss on the
-teacher's own states, and the traffic delay when the student drives.
+Scored on held-out seeds (10000 on): agreement with the teacher and the KL
+loss on the teacher's own states, and the traffic delay when the student
+drives.
 
 Usage::
 
     .venv/bin/python bench/federated_students.py [--scenario grid4x4]
         [--clients 2] [--episodes-per-client 2] [--split episodes]
-        [--rounds 10] [--local-epochs 2] [--eval-episodes 2] [--workers 2]
-        [--student mlp] [--json FILE]
+        [--method both] [--rounds 10] [--local-epochs 2] [--mutual-weight 1]
+        [--eval-episodes 2] [--workers 2] [--in-process-too] [--student mlp]
+        [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -46,78 +51,31 @@ import numpy as np
 import torch
 
 from marlkd.config import TrainConfig
+from marlkd.distill.cooperative import CooperativeConfig, learn_together
 from marlkd.distill.dataset import Transitions
 from marlkd.distill.losses import DistillationLoss
 from marlkd.distill.trainer import agreement
 from marlkd.envs.traffic.env import TrafficEnvConfig, TrafficSignalEnv
 from marlkd.envs.traffic.scenarios import get_scenario
-from marlkd.rl.dqn import greedy_episode
+from marlkd.evaluate import simulate
 from marlkd.rollout import make_collector
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.students import AgentLayout, make_student
+from marlkd.students.policy import StudentPolicy
 from marlkd.teachers.max_pressure import MaxPressure
 
 EVAL_SEED = 10_000
 
 
-def tensors(data: Transitions) -> dict[str, torch.Tensor]:
-    return {
-        "obs": torch.from_numpy(data.obs),
-        "agent": torch.from_numpy(data.agent),
-        "mask": torch.from_numpy(data.mask),
-        "teacher_scores": torch.from_numpy(data.teacher_scores),
-        "teacher_action": torch.from_numpy(data.teacher_action),
-    }
-
-
-def train(student, loss, data: dict, epochs: int, config: TrainConfig, seed: int):
-    """``epochs`` epochs of minibatch AdamW, a fresh optimiser, in place."""
-    optimizer = torch.optim.AdamW(
-        student.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
-    generator = torch.Generator().manual_seed(seed)
-    n = len(data["agent"])
-    student.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, config.batch_size):
-            batch = {
-                k: v[order[start : start + config.batch_size]] for k, v in data.items()
-            }
-            out = student(batch["obs"], batch["agent"], batch["mask"])
-            value, _ = loss(
-                out,
-                mask=batch["mask"],
-                teacher_scores=batch["teacher_scores"],
-                teacher_action=batch["teacher_action"],
-            )
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
-
-
-def average(states: list[dict], weights: list[float]) -> dict:
-    """The weighted mean of state dicts (FedAvg's aggregation)."""
-    total = float(sum(weights))
-    return {
-        key: sum(
-            w / total * s[key].float() for s, w in zip(states, weights, strict=True)
-        )
-        for key in states[0]
-    }
-
-
 @torch.no_grad()
-def score(student, loss, data: dict) -> dict:
+def score(student, loss, data: Transitions) -> dict:
+    """Agreement with the teacher and the KL loss on held-out samples."""
     student.eval()
-    out = student(data["obs"], data["agent"], data["mask"])
-    value, _ = loss(
-        out,
-        mask=data["mask"],
-        teacher_scores=data["teacher_scores"],
-        teacher_action=data["teacher_action"],
-    )
-    agree = agreement(out.logits, data["teacher_scores"], data["mask"])
+    obs, agent = torch.from_numpy(data.obs), torch.from_numpy(data.agent)
+    mask, scores = torch.from_numpy(data.mask), torch.from_numpy(data.teacher_scores)
+    out = student(obs, agent, mask)
+    value, _ = loss(out, mask=mask, teacher_scores=scores)
+    agree = agreement(out.logits, scores, mask)
     return {"kl": float(value), "agreement": float(agree.mean())}
 
 
@@ -130,16 +88,37 @@ def split(data: Transitions, parts: list[Transitions], how: str, clients: int):
     ]
 
 
+def same_students(a, b) -> float:
+    """The largest difference between the parameters of two runs' students."""
+    return max(
+        float((x.state_dict()[k] - y.state_dict()[k]).abs().max())
+        for x, y in zip(a.students, b.students, strict=True)
+        for k in x.state_dict()
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", default="grid4x4")
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--episodes-per-client", type=int, default=2)
     parser.add_argument("--split", choices=["episodes", "agents"], default="episodes")
+    parser.add_argument(
+        "--method", choices=["fedavg", "mutual", "both"], default="both"
+    )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--mutual-weight", type=float, default=1.0)
+    parser.add_argument("--mutual-temperature", type=float, default=1.0)
     parser.add_argument("--eval-episodes", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers", type=int, default=2,
+        help="Ray actors that collect and train the clients; 0: this process",
+    )  # fmt: skip
+    parser.add_argument(
+        "--in-process-too", action="store_true",
+        help="train the clients in this process too, to time and compare both",
+    )  # fmt: skip
     parser.add_argument(
         "--student", choices=["phase", "mlp"], default="mlp",
         help="mlp must learn MaxPressure's pressure sums from the padded "
@@ -150,6 +129,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.workers:
+        import ray
+
+        # one Ray for the collector's actors and then the learners'
+        ray.init(
+            num_cpus=args.workers, include_dashboard=False, logging_level="WARNING"
+        )
 
     # collect: each client's episodes, then held-out episodes, teacher driving
     env = TrafficSignalEnv(get_scenario(args.scenario), TrafficEnvConfig())
@@ -177,70 +163,96 @@ def main() -> None:
     collect_s = time.perf_counter() - started
     data = Transitions.concat(parts)
     shards = split(data, parts, args.split, args.clients)
-    shard_tensors = [tensors(s) for s in shards]
-    held_out = tensors(held_out)
     loss = DistillationLoss(weights={"kl": 1.0})
-    config = TrainConfig()
-    epochs = args.rounds * args.local_epochs
+    train = TrainConfig()
+    methods = ["fedavg", "mutual"] if args.method == "both" else [args.method]
 
     def fresh():
-        torch.manual_seed(config.seed)
+        torch.manual_seed(train.seed)
         return make_student(args.student, layout)
 
-    students, train_s = {}, {}
-    train(fresh(), loss, shard_tensors[0], 1, config, seed=0)  # warm up torch
+    def together(method: str, parts: list[Transitions], workers: int):
+        config = CooperativeConfig(
+            method, args.rounds, args.local_epochs, args.mutual_weight,
+            args.mutual_temperature, train,
+        )  # fmt: skip
+        started = time.perf_counter()
+        result = learn_together(
+            fresh(), parts, loss, config, workers=workers, progress=False
+        )
+        return result, time.perf_counter() - started
 
-    started = time.perf_counter()
-    central = fresh()
-    train(central, loss, tensors(data), epochs, config, seed=0)
-    students["central"], train_s["central"] = central, time.perf_counter() - started
+    # train: the baselines in this process, the clients where asked
+    learn_together(
+        fresh(), [shards[0]], loss, CooperativeConfig(rounds=1, local_epochs=1),
+        progress=False,
+    )  # fmt: skip  # warm up torch
+    students, train_s, notes = {}, {}, []
+    result, train_s["central"] = together("fedavg", [data], 0)
+    students["central"] = result.shared
+    for method in methods:
+        result, seconds = together(method, shards, args.workers)
+        name = "federated averaging" if method == "fedavg" else "mutual, client 0"
+        students[name], train_s[name] = result.shared, seconds
+        rounds_s = sum(r["timers/round_s"] for r in result.history)
+        first_s = result.history[0]["timers/round_s"]
+        if method == "mutual":
+            agree = [score(s, loss, held_out)["agreement"] for s in result.students]
+            notes.append(
+                "mutual clients' agreement: "
+                + ", ".join(f"{a:.3f}" for a in agree)
+                + f" (mean {np.mean(agree):.3f})"
+            )
+        where = f"{args.workers} Ray workers" if args.workers else "this process"
+        notes.append(
+            f"{method} on {where}: {seconds:.1f} s in all, {rounds_s:.1f} s in "
+            f"rounds, {first_s:.1f} s of them in round 0"
+        )
+        if args.in_process_too and args.workers:
+            local, local_s = together(method, shards, 0)
+            local_rounds = sum(r["timers/round_s"] for r in local.history)
+            local_first = local.history[0]["timers/round_s"]
+            notes.append(
+                f"{method} in this process: {local_s:.1f} s in all, "
+                f"{local_rounds:.1f} s in rounds, {local_first:.1f} s of them in "
+                "round 0; largest parameter difference "
+                f"from the Ray run {same_students(result, local):.1e}"
+            )
+    result, train_s["client 0 alone"] = together("fedavg", [shards[0]], 0)
+    students["client 0 alone"] = result.shared
 
-    started = time.perf_counter()
-    shared = fresh()
-    for r in range(args.rounds):
-        states = []
-        for k, shard in enumerate(shard_tensors):
-            client = copy.deepcopy(shared)
-            train(client, loss, shard, args.local_epochs, config, seed=1000 * r + k)
-            states.append(client.state_dict())
-        shared.load_state_dict(average(states, [len(s) for s in shards]))
-    students["fedavg"], train_s["fedavg"] = shared, time.perf_counter() - started
-
-    started = time.perf_counter()
-    alone = fresh()
-    train(alone, loss, shard_tensors[0], epochs, config, seed=0)
-    students["client 0 alone"], train_s["client 0 alone"] = (
-        alone,
-        time.perf_counter() - started,
-    )
-
+    # score on the held-out seeds: agreement, and delay with the student driving
     rows = []
     for name, student in students.items():
-        delays = [
-            greedy_episode(env, student, batcher, seed)["avg_delay_s"]
-            for seed in eval_seeds
-        ]
+        delay = simulate(
+            env, StudentPolicy(student, batcher), episodes=len(eval_seeds),
+            seed=EVAL_SEED, progress=False,
+        )["mean"]["avg_delay_s"]  # fmt: skip
         rows.append(
             {
                 "student": name,
                 **score(student, loss, held_out),
-                "avg_delay_s": float(np.mean(delays)),
+                "avg_delay_s": float(delay),
                 "train_s": train_s[name],
             }
         )
     env.close()
+    if args.workers:
+        ray.shutdown()
     teacher_delay = float(np.mean([e["avg_delay_s"] for e in teacher_episodes]))
 
     sizes = ", ".join(str(len(s)) for s in shards)
     print(
         f"\n{args.scenario}, {args.student} student: {args.clients} clients x "
         f"{args.episodes_per_client} episodes, split by {args.split} ({sizes} "
-        f"samples); {args.rounds} rounds x {args.local_epochs} local epochs = "
-        f"{epochs} epochs for the central student; collected in {collect_s:.0f} s "
-        f"on {args.workers or 'no'} Ray workers"
+        f"samples); {args.rounds} rounds x {args.local_epochs} local epochs; "
+        f"mutual weight {args.mutual_weight}, T {args.mutual_temperature}; "
+        f"collected in {collect_s:.0f} s on {args.workers or 'no'} Ray workers"
     )
-    print(f"held-out seeds {eval_seeds}: teacher avg_delay_s {teacher_delay:.2f}\n")
-    print("| student | agreement | KL | avg_delay_s | vs teacher | train s |")
+    print(f"held-out seeds {eval_seeds}: teacher avg_delay_s {teacher_delay:.2f}")
+    for note in notes:
+        print(note)
+    print("\n| student | agreement | KL | avg_delay_s | vs teacher | train s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
@@ -252,7 +264,7 @@ def main() -> None:
         args.json.write_text(
             json.dumps(
                 {"args": vars(args) | {"json": str(args.json)}, "rows": rows,
-                 "teacher_avg_delay_s": teacher_delay},
+                 "notes": notes, "teacher_avg_delay_s": teacher_delay},
                 indent=2,
             )
         )  # fmt: skip
