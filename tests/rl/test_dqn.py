@@ -195,7 +195,11 @@ def test_an_interrupted_dqn_run_resumes_to_the_same_weights(cross_env, tmp_path)
     env = cross_env
     layout = AgentLayout.from_traffic_specs(env.specs, env.config.max_green)
     batcher = AgentBatcher(env.possible_agents, layout.max_obs_size, layout.max_actions)
-    config = RLConfig(episodes=3, learning_starts=20, batch_size=16, eval_every=1)
+    # iterations of two episodes: [0, 1], [2]; the stopped run ends after [0, 1]
+    config = RLConfig(
+        episodes=3, episodes_per_iteration=2, learning_starts=20, batch_size=16,
+        eval_every=1,
+    )  # fmt: skip
 
     def fresh():
         torch.manual_seed(0)
@@ -220,5 +224,6 @@ def test_an_interrupted_dqn_run_resumes_to_the_same_weights(cross_env, tmp_path)
         progress=False,
     )  # fmt: skip
     assert curve == whole_curve
+    assert [c["episode"] for c in curve] == [2, 3]
     for key, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key

@@ -412,3 +412,49 @@ def test_rl_samples_labelled_on_workers_when_kickstarting(
     np.testing.assert_array_equal(data.action, rl_reference[0].action)
     with pytest.raises(ValueError, match="behaviour policy takes every action"):
         ray_collectors[1].collect(None, 0.0, SEEDS, label=False, rl=True)
+
+
+def _tiny_rl(algorithm: str):
+    from marlkd.rl.config import PPOConfig, RLConfig
+
+    if algorithm == "dqn":
+        config = RLConfig(
+            episodes=4, episodes_per_iteration=2, learning_starts=20, batch_size=16,
+            eval_every=2, kickstart=1.0, kickstart_episodes=4,
+        )  # fmt: skip
+    else:
+        config = PPOConfig(
+            episodes=4, episodes_per_update=2, minibatch_size=16, update_epochs=2,
+            eval_every=2, critic="central", kickstart=1.0, kickstart_episodes=4,
+        )  # fmt: skip
+    return config
+
+
+@pytest.mark.parametrize("algorithm", ["dqn", "ppo"])
+def test_rl_on_ray_workers_learns_what_it_learns_in_process(
+    ray_collectors, cross, algorithm
+):
+    from marlkd.rl.dqn import train_dqn
+    from marlkd.rl.ppo import train_ppo
+
+    env, batcher, student = cross
+    train = train_dqn if algorithm == "dqn" else train_ppo
+    results = {}
+    for workers in (0, 2):
+        network = copy.deepcopy(student)
+        collector = (
+            LocalCollector(env, MaxPressure(env.specs), batcher)
+            if workers == 0
+            else ray_collectors[workers]
+        )
+        curve = train(
+            env, network, _tiny_rl(algorithm), batcher=batcher, collector=collector,
+            progress=False,
+        )  # fmt: skip
+        results[workers] = curve, network.state_dict()
+    (curve, weights), (ray_curve, ray_weights) = results[0], results[2]
+    assert [c["episode"] for c in curve] == [2, 4]
+    assert curve == ray_curve
+    assert not all(torch.equal(weights[k], student.state_dict()[k]) for k in weights)
+    for key, value in weights.items():
+        torch.testing.assert_close(ray_weights[key], value, rtol=1e-5, atol=1e-6)

@@ -216,7 +216,9 @@ def distill(
             atomic_write_text(progress_path, json.dumps(state))
 
         if config.rl.episodes > 0 and not state.get("rl_done"):
-            kickstart(config, run_dir, env, student, teacher, batcher, writer, progress)
+            kickstart(
+                config, run_dir, env, student, collector, batcher, writer, progress
+            )
             save_student(student, student_path)
             state["rl_done"] = True
             atomic_write_text(progress_path, json.dumps(state))
@@ -229,13 +231,15 @@ def distill(
         env.close()
 
 
-def kickstart(config, run_dir, env, student, teacher, batcher, writer, progress):
+def kickstart(config, run_dir, env, student, collector, batcher, writer, progress):
     """RL fine-tuning of the student with an annealed pull towards the teacher.
 
     The distilled student is the starting point (with no collection rounds it
     starts from scratch, as in Schmitt et al. 2018); DQN then optimises the
     environment's reward while ``rl.kickstart`` weighs the distillation term.
-    An interrupted RL phase starts again from the distilled student.
+    Its episodes run through the run's collector, where the distillation
+    rounds ran, and its teacher labels them while λ is above 0. An
+    interrupted RL phase resumes from its last checkpointed iteration.
     """
     collected = config.collect.iterations * config.collect.episodes_per_iteration
     logger.info(
@@ -249,7 +253,7 @@ def kickstart(config, run_dir, env, student, teacher, batcher, writer, progress)
         student,
         config.rl,
         batcher=batcher,
-        teacher=teacher if config.rl.kickstart > 0 else None,
+        collector=collector,
         writer=writer,
         step_offset=collected * _steps_per_episode(env),
         checkpoint=run_dir / "checkpoints" / "rl_state.pt",

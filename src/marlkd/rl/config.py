@@ -40,12 +40,19 @@ class RLConfig(Kickstarting):
     """Reinforcement learning: DQN for teachers, baselines and kickstarting."""
 
     episodes: int = option(0, "training episodes; 0 turns RL off")
+    episodes_per_iteration: int = option(
+        1,
+        "episodes collected with one policy before its updates; as many as the "
+        "rollout workers keeps every worker busy",
+    )
     gamma: float = option(0.9, "discount per decision")
     lr: float = option(5e-4, "Adam learning rate")
     batch_size: int = option(256, "transitions per gradient step")
     buffer_size: int = option(100_000, "transitions kept in the replay buffer")
     learning_starts: int = option(2_000, "transitions gathered before learning")
-    updates_per_step: int = option(1, "gradient steps per environment step")
+    updates_per_step: int = option(
+        1, "gradient steps per environment step, taken after each iteration"
+    )
     target_tau: float = option(0.01, "Polyak rate of the target network")
     eps_start: float = option(1.0, "exploration rate at the start")
     eps_end: float = option(0.02, "exploration rate after eps_episodes")

@@ -12,6 +12,13 @@ argmax of the target. The target network follows the online one by Polyak
 averaging with rate τ. Episodes end by truncation only (the simulated hour
 runs out), so every target bootstraps.
 
+Training goes in iterations, the usual shape of distributed DQN (Horgan et
+al., 2018, "Distributed Prioritized Experience Replay"): a collector runs
+``episodes_per_iteration`` episodes with every agent ε-greedy on the current
+network, in this process or on Ray workers, the transitions join the replay
+buffer, and then the network takes ``updates_per_step`` gradient steps per new
+environment step. The behaviour thus lags the learner by one iteration.
+
 Kickstarting (Schmitt et al., 2018) adds a distillation term towards a
 teacher's scores on the same replayed states, with a weight λ that is annealed
 over episodes so the student starts from the teacher and is then free to pass
@@ -34,8 +41,11 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from marlkd.distill.dataset import Transitions
 from marlkd.distill.losses import kl_loss
+from marlkd.rl.behaviour import EpsilonGreedy
 from marlkd.rl.config import RLConfig
+from marlkd.rollout import LocalCollector, warn_idle_workers
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.tracking import MetricWriter
 from marlkd.utils import atomic_write_bytes
@@ -68,7 +78,8 @@ class ReplayBuffer:
         self.agent[idx], self.action[idx], self.reward[idx] = agent, action, reward
         self.mask[idx], self.next_mask[idx] = mask, next_mask
         if self.teacher is not None:
-            self.teacher[idx] = teacher
+            # no labels (λ has reached 0): zeros, which no loss reads
+            self.teacher[idx] = 0.0 if teacher is None else teacher
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
@@ -95,6 +106,7 @@ def train_dqn(
     *,
     batcher: AgentBatcher,
     teacher=None,
+    collector=None,
     writer: MetricWriter | None = None,
     eval_seed: int = 9_000,
     step_offset: int = 0,
@@ -104,26 +116,37 @@ def train_dqn(
     """Train ``network`` as a shared Q-function on ``env`` for ``config.episodes``.
 
     Args:
-        env: the multi-agent environment.
+        env: the multi-agent environment; greedy evaluations run on it, and
+            so does the collection when no ``collector`` is given.
         network: maps (obs, agent, mask) to logits, read as Q-values.
-        config: the DQN settings; ``kickstart > 0`` needs ``teacher``.
+        config: the DQN settings; ``kickstart > 0`` needs a teacher.
         batcher: agent names and padded sizes.
-        teacher: labels every state for the kickstarting term.
+        teacher: labels every state for the kickstarting term, when the
+            collection runs in this process.
+        collector: runs the training episodes (``marlkd.rollout``); None
+            collects in this process on ``env``, labelled by ``teacher``.
         writer: where ``rl/...`` metrics go, indexed by environment steps.
         eval_seed: seed of the greedy evaluation episodes, a validation seed
             kept apart from training seeds and from the held-out test seeds.
         step_offset: environment steps already taken before this call (a
             distilled student's collection), so curves share one axis.
         checkpoint: where the whole training state (networks, optimiser,
-            replay buffer, random generators) is written after every episode;
-            when it exists, training resumes from it.
+            replay buffer, random generators) is written after every
+            iteration; when it exists, training resumes from it.
 
     Returns:
         One record per greedy evaluation: ``env_steps``, ``episode`` and the
         network figures of that episode.
     """
-    if config.kickstart > 0 and teacher is None:
+    if collector is None:
+        collector = LocalCollector(env, teacher, batcher)
+    if config.kickstart > 0 and not collector.labels:
         raise ValueError("kickstarting needs a teacher")
+    if config.episodes_per_iteration < 1:
+        raise ValueError("episodes_per_iteration must be at least 1")
+    warn_idle_workers(
+        collector, config.episodes_per_iteration, "rl.episodes_per_iteration"
+    )
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     target = copy.deepcopy(network)
@@ -131,86 +154,91 @@ def train_dqn(
     buffer = ReplayBuffer(
         config.buffer_size, batcher.obs_size, batcher.num_actions, config.kickstart > 0
     )
-    env_steps, updates, curve, start = step_offset, 0, [], 0
+    env_steps, updates, curve, episode = step_offset, 0, [], 0
     if checkpoint is not None and Path(checkpoint).exists():
-        start, env_steps, updates, curve = _load_state(
+        episode, env_steps, updates, curve = _load_state(
             checkpoint, network, target, optimizer, buffer, rng
         )
-        logger.info("resuming RL at episode %d of %d", start, config.episodes)
-
-    for episode in tqdm(
-        range(start, config.episodes),
+        logger.info("resuming RL at episode %d of %d", episode, config.episodes)
+    bar = tqdm(
+        total=config.episodes,
+        initial=episode,
         desc="rl episodes",
         disable=None if progress else True,
-    ):
-        epsilon = config.epsilon(episode)
-        lam = config.kickstart_weight(episode)
-        observations, infos = env.reset(seed=config.seed + episode)
-        names = list(env.agents)
-        masks = {a: infos[a]["action_mask"] for a in names}
-        obs, agent, mask = batcher.pad(observations, masks, names)
-        returns, losses, started = 0.0, [], time.perf_counter()
-        while env.agents:
-            # act: epsilon-greedy over the allowed phases of every agent
-            q = _q_values(network, obs, agent, mask)
-            actions = np.where(mask, q, -np.inf).argmax(axis=1)
-            explore = rng.random(len(names)) < epsilon
-            for row in np.flatnonzero(explore):
-                actions[row] = rng.choice(np.flatnonzero(mask[row]))
-            teacher_scores = None
-            if lam > 0:
-                state = env.state() if teacher.needs_state else None
-                label = teacher.act(observations, masks, state)
-                teacher_scores = batcher.pad_scores(label.scores, names)
+    )
 
-            next_observations, rewards, _, _, infos = env.step(
-                {a: int(actions[i]) for i, a in enumerate(names)}
-            )
-            env_steps += 1
-            masks = {a: infos[a]["action_mask"] for a in names}
-            next_obs, _, next_mask = batcher.pad(next_observations, masks, names)
-            reward = np.array([rewards[a] for a in names], dtype=np.float32)
-            returns += float(reward.mean())
-            buffer.add(
-                obs, agent, mask, actions, reward * config.reward_scale,
-                next_obs, next_mask, teacher_scores,
-            )  # fmt: skip
-            obs, mask, observations = next_obs, next_mask, next_observations
+    while episode < config.episodes:
+        first = episode
+        n_episodes = min(config.episodes_per_iteration, config.episodes - first)
+        epsilon = config.epsilon(first)
+        lam = config.kickstart_weight(first)
+        started = time.perf_counter()
 
-            # learn: double-DQN target, Huber loss, plus the kickstarting term
-            if buffer.size >= config.learning_starts:
-                for _ in range(config.updates_per_step):
-                    batch = buffer.sample(config.batch_size, rng)
-                    loss, parts = _dqn_loss(network, target, batch, config, lam)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)
-                    optimizer.step()
-                    _polyak(target, network, config.target_tau)
-                    losses.append(parts)
-                    updates += 1
+        # collect: every agent epsilon-greedy on the allowed phases
+        data, episodes = collector.collect(
+            EpsilonGreedy(network, batcher, epsilon),
+            0.0,
+            [config.seed + first + j for j in range(n_episodes)],
+            first,
+            rng,
+            progress=False,
+            label=lam > 0,
+            rl=True,
+        )
+        sizes = decision_sizes(data)
+        filled_before = buffer.size
+        buffer.add(
+            data.obs, data.agent, data.mask, data.action,
+            data.reward * config.reward_scale, data.next_obs, data.next_mask,
+            data.teacher_scores,
+        )  # fmt: skip
+        env_steps += len(sizes)
+        episode += n_episodes
+        bar.update(n_episodes)
+        collect_s = time.perf_counter() - started
 
+        # learn: double-DQN target, Huber loss, plus the kickstarting term;
+        # updates_per_step per new step once learning_starts transitions are in
+        filled = np.minimum(filled_before + np.cumsum(sizes), buffer.capacity)
+        losses = []
+        learning_steps = int((filled >= config.learning_starts).sum())
+        for _ in range(config.updates_per_step * learning_steps):
+            batch = buffer.sample(config.batch_size, rng)
+            loss, parts = _dqn_loss(network, target, batch, config, lam)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)
+            optimizer.step()
+            _polyak(target, network, config.target_tau)
+            losses.append(parts)
+            updates += 1
+
+        # record: the behaviour's episodes, the losses, a greedy evaluation
         metrics = {
-            "rl/episode": episode,
+            "rl/episode": episode - 1,
             "rl/epsilon": epsilon,
             "rl/kickstart_weight": lam,
-            "rl/episode_return": returns,
-            "rl/behaviour_avg_delay_s": env.last_episode.network["avg_delay_s"],
+            "rl/episode_return": float(np.mean(episode_returns(data))),
+            "rl/behaviour_avg_delay_s": float(
+                np.mean([e["avg_delay_s"] for e in episodes])
+            ),
             "rl/updates": updates,
-            "timers/rl_episode_s": time.perf_counter() - started,
+            "timers/rl_collect_s": collect_s,
+            "timers/rl_update_s": time.perf_counter() - started - collect_s,
         }
         if losses:
             for key in losses[0]:
                 metrics[f"rl/{key}"] = float(np.mean([p[key] for p in losses]))
         if config.eval_every and (
-            (episode + 1) % config.eval_every == 0 or episode + 1 == config.episodes
+            episode // config.eval_every > first // config.eval_every
+            or episode == config.episodes
         ):
             figures = greedy_episode(env, network, batcher, eval_seed)
             metrics["rl/eval_avg_delay_s"] = figures["avg_delay_s"]
-            curve.append({"env_steps": env_steps, "episode": episode + 1, **figures})
+            curve.append({"env_steps": env_steps, "episode": episode, **figures})
             logger.info(
                 "episode %d (%d env steps): greedy delay %.2f s",
-                episode + 1,
+                episode,
                 env_steps,
                 figures["avg_delay_s"],
             )
@@ -218,10 +246,29 @@ def train_dqn(
             writer.log(env_steps, metrics)
         if checkpoint is not None:
             _save_state(
-                checkpoint, episode + 1, env_steps, updates, curve,
+                checkpoint, episode, env_steps, updates, curve,
                 network, target, optimizer, buffer, rng,
             )  # fmt: skip
+    bar.close()
     return curve
+
+
+def decision_sizes(data: Transitions) -> np.ndarray:
+    """Rows of each decision (one environment step) of RL samples, in order."""
+    new = np.ones(len(data), dtype=bool)
+    new[1:] = (data.episode[1:] != data.episode[:-1]) | (
+        data.step[1:] != data.step[:-1]
+    )
+    return np.diff(np.flatnonzero(np.append(new, True)))
+
+
+def episode_returns(data: Transitions) -> list[float]:
+    """Per episode of RL samples, the sum over its steps of the agents' mean reward."""
+    sizes = decision_sizes(data)
+    starts = np.cumsum(sizes) - sizes
+    mean_reward = np.add.reduceat(data.reward.astype(np.float64), starts) / sizes
+    episode = data.episode[starts]
+    return [float(mean_reward[episode == e].sum()) for e in dict.fromkeys(episode)]
 
 
 def _save_state(path, episode, env_steps, updates, curve, network, target,

@@ -2,9 +2,13 @@
 
 Every agent acts on its own observation with one shared policy (any marlkd
 student: its logits define a categorical distribution over the allowed
-actions). Rollouts are whole episodes of every agent; the policy then takes a
-few epochs of minibatch steps on the clipped surrogate (Schulman et al., 2017,
-"Proximal Policy Optimization Algorithms"):
+actions). Rollouts are whole episodes of every agent, run by a collector (in
+this process or on Ray workers) with every agent sampling from the current
+policy; the learner then recomputes log-probabilities and values from the
+recorded observations (its weights have not changed since, so they are those
+of the behaviour), and the policy takes a few epochs of minibatch steps on the
+clipped surrogate (Schulman et al., 2017, "Proximal Policy Optimization
+Algorithms"):
 
     ρ_t = π_θ(a_t | o_t) / π_old(a_t | o_t)
     L_clip = -mean_t min(ρ_t Â_t, clip(ρ_t, 1 - ε, 1 + ε) Â_t)
@@ -51,9 +55,12 @@ from torch.distributions import Categorical
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from marlkd.distill.dataset import Transitions
 from marlkd.distill.losses import kl_loss
+from marlkd.rl.behaviour import Sampling
 from marlkd.rl.config import PPOConfig
-from marlkd.rl.dqn import greedy_episode
+from marlkd.rl.dqn import decision_sizes, episode_returns, greedy_episode
+from marlkd.rollout import LocalCollector, warn_idle_workers
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.students.base import masked_value
 from marlkd.students.layout import AgentLayout
@@ -198,6 +205,7 @@ def train_ppo(
     *,
     batcher: AgentBatcher,
     teacher=None,
+    collector=None,
     writer: MetricWriter | None = None,
     eval_seed: int = 9_000,
     step_offset: int = 0,
@@ -207,12 +215,17 @@ def train_ppo(
 
     Args:
         env: the multi-agent environment; with ``critic="central"`` its
-            ``state()`` must be every observation end to end.
+            ``state()`` must be every observation end to end. Greedy
+            evaluations run on it, and so does the collection when no
+            ``collector`` is given.
         policy_network: a marlkd student, mapping (obs, agent, mask) to logits;
             its layout sets the critic's input scales.
-        config: the PPO settings; ``kickstart > 0`` needs ``teacher``.
+        config: the PPO settings; ``kickstart > 0`` needs a teacher.
         batcher: agent names and padded sizes.
-        teacher: labels every visited state for the kickstarting term.
+        teacher: labels every visited state for the kickstarting term, when
+            the collection runs in this process.
+        collector: runs the rollout episodes (``marlkd.rollout``); None
+            collects in this process on ``env``, labelled by ``teacher``.
         writer: where ``rl/...`` metrics go, indexed by environment steps.
         eval_seed: seed of the greedy evaluation episodes, a validation seed
             kept apart from training seeds and from the held-out test seeds.
@@ -228,14 +241,18 @@ def train_ppo(
         raise ValueError(
             f"unknown critic '{config.critic}': choose one of {', '.join(CRITICS)}"
         )
-    if config.kickstart > 0 and teacher is None:
+    if collector is None:
+        collector = LocalCollector(env, teacher, batcher)
+    if config.kickstart > 0 and not collector.labels:
         raise ValueError("kickstarting needs a teacher")
     if config.episodes_per_update < 1 or config.minibatch_size < 1:
         raise ValueError("episodes_per_update and minibatch_size must be at least 1")
+    warn_idle_workers(collector, config.episodes_per_update, "ppo.episodes_per_update")
     central = config.critic == "central"
     layout = policy_network.layout
     if list(layout.names) != list(batcher.agents):
         raise ValueError("the policy's layout and the batcher list different agents")
+    rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     critic = Critic(
         layout,
@@ -261,81 +278,32 @@ def train_ppo(
         first = episode
         lam = config.kickstart_weight(first)
         n_episodes = min(config.episodes_per_update, config.episodes - first)
-        rollout, returns, delays = [], [], []
         started = time.perf_counter()
 
         # collect: whole episodes, every agent sampling from the shared policy
-        for _ in range(n_episodes):
-            observations, infos = env.reset(seed=config.seed + episode)
-            if teacher is not None and lam > 0:
-                teacher.reset()
-            names = list(env.agents)
-            masks = {a: infos[a]["action_mask"] for a in names}
-            obs, agent, mask = batcher.pad(observations, masks, names)
-            state = env.state() if central else None
-            steps, episode_return = [], 0.0
-            while env.agents:
-                action, log_prob, value = _act(
-                    policy_network, critic, obs, agent, mask, state
-                )
-                step = {
-                    "obs": obs, "agent": agent, "mask": mask, "action": action,
-                    "log_prob": log_prob, "value": value_norm.denormalize(value),
-                }  # fmt: skip
-                if central:
-                    step["state"] = np.broadcast_to(state, (len(names), len(state)))
-                if lam > 0:
-                    state_in = env.state() if teacher.needs_state else None
-                    label = teacher.act(observations, masks, state_in)
-                    step["teacher"] = batcher.pad_scores(label.scores, names)
-
-                observations, rewards, terminations, _, infos = env.step(
-                    {a: int(action[i]) for i, a in enumerate(names)}
-                )
-                env_steps += 1
-                if any(terminations.values()):
-                    raise NotImplementedError(
-                        "PPO here bootstraps every episode end as a truncation;"
-                        " an environment that terminates episodes needs GAE to "
-                        "stop at the termination"
-                    )
-                if env.agents and list(env.agents) != names:
-                    raise NotImplementedError(
-                        "PPO here needs every agent to act at every step; agents"
-                        f" changed from {names} to {env.agents} within an episode"
-                    )
-                reward = np.array([rewards[a] for a in names], dtype=np.float32)
-                step["reward"] = reward * config.reward_scale
-                episode_return += float(reward.mean())
-                steps.append(step)
-                masks = {a: infos[a]["action_mask"] for a in names}
-                obs, _, mask = batcher.pad(observations, masks, names)
-                state = env.state() if central else None
-
-            # bootstrap: the episode was truncated, its return goes on from here
-            _, _, last_value = _act(policy_network, critic, obs, agent, mask, state)
-            episode_data = {k: np.stack([s[k] for s in steps]) for k in steps[0]}
-            episode_data["advantage"], episode_data["return"] = gae(
-                episode_data["reward"],
-                episode_data["value"],
-                value_norm.denormalize(last_value),
-                config.gamma,
-                config.gae_lambda,
-            )
-            rollout.append(episode_data)
-            returns.append(episode_return)
-            delays.append(env.last_episode.network["avg_delay_s"])
-            episode += 1
-            bar.update(1)
+        data, episodes = collector.collect(
+            Sampling(policy_network, batcher),
+            0.0,
+            [config.seed + first + j for j in range(n_episodes)],
+            first,
+            rng,
+            progress=False,
+            label=lam > 0,
+            rl=True,
+            state=central,
+        )
+        env_steps += len(decision_sizes(data))
+        episode += n_episodes
+        bar.update(n_episodes)
         collect_s = time.perf_counter() - started
 
-        # flatten the batch: one row per (episode, step, agent)
-        b = {
-            k: torch.from_numpy(
-                np.concatenate([e[k].reshape(-1, *e[k].shape[2:]) for e in rollout])
-            )
-            for k in rollout[0]
-        }
+        # the batch: one row per (episode, step, agent), with the behaviour's
+        # log-probabilities and values, and GAE along each agent's episode
+        b = _evaluate_rollout(policy_network, critic, data, central, value_norm)
+        b["advantage"], b["return"] = _advantages(
+            data, b["value"], b.pop("value_next"), config
+        )
+        b = {k: torch.as_tensor(v) for k, v in b.items()}
         value_norm.update(b["return"].numpy())
         b["target"] = torch.as_tensor(value_norm.normalize(b["return"].numpy()))
         advantage = b["advantage"]
@@ -403,8 +371,10 @@ def train_ppo(
         metrics = {
             "rl/episode": episode,
             "rl/kickstart_weight": lam,
-            "rl/episode_return": float(np.mean(returns)),
-            "rl/behaviour_avg_delay_s": float(np.mean(delays)),
+            "rl/episode_return": float(np.mean(episode_returns(data))),
+            "rl/behaviour_avg_delay_s": float(
+                np.mean([e["avg_delay_s"] for e in episodes])
+            ),
             "rl/updates": updates,
             "rl/explained_variance": explained,
             **{f"rl/{key}": float(np.mean(v)) for key, v in parts.items()},
@@ -431,18 +401,63 @@ def train_ppo(
 
 
 @torch.no_grad()
-def _act(policy_network, critic, obs, agent, mask, state):
-    """Sampled actions, their log-probabilities and the (normalised) values."""
+def _evaluate_rollout(policy_network, critic, data: Transitions, central, value_norm):
+    """The rollout's arrays, its log-probabilities and its (denormalised) values.
+
+    ``value`` holds V of every row's state, ``value_next`` V of the state
+    after it, which only the last step of an episode needs (the bootstrap).
+    """
     policy_network.eval()
     critic.eval()
-    obs, agent, mask = map(torch.from_numpy, (obs, agent, mask))
+    obs, agent, mask = map(torch.from_numpy, (data.obs, data.agent, data.mask))
+    action = torch.from_numpy(data.action)
     logits = policy_network(obs, agent, mask).logits
-    dist = masked_distribution(logits, mask)
-    action = dist.sample()
-    if state is not None:
-        state = torch.from_numpy(state).expand(len(agent), -1)
-    value = critic(obs, agent, state)
-    return action.numpy(), dist.log_prob(action).numpy(), value.numpy()
+    log_prob = masked_distribution(logits, mask).log_prob(action)
+    state = torch.from_numpy(data.state) if central else None
+    next_state = torch.from_numpy(data.next_state) if central else None
+    value_now = critic(obs, agent, state).numpy()
+    value_next = critic(torch.from_numpy(data.next_obs), agent, next_state).numpy()
+    b = {
+        "obs": data.obs,
+        "agent": data.agent,
+        "mask": data.mask,
+        "action": data.action,
+        "log_prob": log_prob.numpy(),
+        "value": value_norm.denormalize(value_now),
+        "value_next": value_norm.denormalize(value_next),
+    }
+    if data.teacher_scores is not None:
+        b["teacher"] = data.teacher_scores
+    if central:
+        b["state"] = data.state
+    return b
+
+
+def _advantages(data: Transitions, value, value_next, config: PPOConfig):
+    """GAE per agent along each episode of the rollout, in the rollout's rows.
+
+    The collector records every agent at every step (it refuses episodes in
+    which agents come or go), so an episode's rows reshape to (steps, agents).
+    """
+    reward = data.reward * config.reward_scale
+    advantage, target = np.zeros_like(value), np.zeros_like(value)
+    sizes = decision_sizes(data)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    for e in dict.fromkeys(data.episode[starts]):
+        steps = np.flatnonzero(data.episode[starts] == e)
+        rows = slice(starts[steps[0]], ends[steps[-1]])
+        n = sizes[steps[0]]
+        shape = (len(steps), n)
+        a, r = gae(
+            reward[rows].reshape(shape),
+            value[rows].reshape(shape),
+            value_next[rows].reshape(shape)[-1],
+            config.gamma,
+            config.gae_lambda,
+        )
+        advantage[rows], target[rows] = a.reshape(-1), r.reshape(-1)
+    return advantage, target
 
 
 def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
