@@ -7,6 +7,7 @@ Bad input ends with one line naming the problem and the fix, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -19,6 +20,23 @@ logger = logging.getLogger("marlkd")
 
 
 # ----------------------------------------------------------------- scenario
+def add_worker_args(parser: argparse.ArgumentParser, section: str) -> None:
+    """--workers and --ray-address, setting ``{section}workers`` and the address."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help=f"collect on N Ray workers, one simulation each ({section}workers; "
+        "default 0: in this process, without Ray); may change on --resume",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="collect on the Ray cluster at ADDR, e.g. auto; without --workers, "
+        f"one worker per free CPU ({section}ray_address)",
+    )
+
+
 def add_scenario_args(parser: argparse.ArgumentParser) -> None:
     """Flags that pick a scenario and set up its environment."""
     from marlkd.envs.traffic.env import TrafficEnvConfig
@@ -170,10 +188,13 @@ def config_from_args(args: argparse.Namespace, schema=None):
         overrides.append(f"teacher={json.dumps(args.teacher)}")
     if getattr(args, "method", None):
         overrides.append(f"collect.method={args.method}")
+    # a distillation run's workers are collect settings, a teacher's its own
+    sections = {f.name for f in dataclasses.fields(schema)} if schema else {"collect"}
+    where = "collect." if "collect" in sections else ""
     if getattr(args, "workers", None) is not None:
-        overrides.append(f"collect.workers={args.workers}")
+        overrides.append(f"{where}workers={args.workers}")
     if getattr(args, "ray_address", None):
-        overrides.append(f"collect.ray_address={json.dumps(args.ray_address)}")
+        overrides.append(f"{where}ray_address={json.dumps(args.ray_address)}")
     overrides += args.set or []
     return load_config(Path(args.config) if args.config else None, overrides, schema)
 
@@ -259,6 +280,12 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         if not args.out or not (Path(args.out) / "config.yaml").exists():
             raise UserError("--resume needs --out RUN_DIR of a started train-teacher")
         config = load_config(Path(args.out) / "config.yaml", schema=TeacherConfig)
+        # where episodes run does not change the data: these may differ
+        if args.workers is not None:
+            config.workers = args.workers
+        if args.ray_address:
+            config.ray_address = args.ray_address
+        config.validate()
     else:
         config = config_from_args(args, TeacherConfig)
     out = args.out or "runs/{}-{}-dqn-{}".format(
@@ -394,19 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue the interrupted run in --out"
     )
-    p.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="collect on N Ray workers, one simulation each (collect.workers; "
-        "default 0: in this process, without Ray); may change on --resume",
-    )
-    p.add_argument(
-        "--ray-address",
-        metavar="ADDR",
-        help="collect on the Ray cluster at ADDR, e.g. auto; without --workers, "
-        "one worker per free CPU (collect.ray_address)",
-    )
+    add_worker_args(p, "collect.")
     p.add_argument(
         "--set",
         action="append",
@@ -436,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the interrupted run in --out from its last finished episode",
     )
+    add_worker_args(p, "")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key"
     )

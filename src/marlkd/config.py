@@ -257,6 +257,18 @@ class TeacherConfig:
         "intersection's); the last two make a centralized teacher",
     )
     neighbours: int = option(4, "neighbour slots of observe: neighbours")
+    workers: int = option(
+        0,
+        "rollout workers: Ray actors in their own processes, one simulation each, "
+        "running the training episodes; 0 collects in this process without Ray. "
+        "The data is the same for any number; give them episodes to share with "
+        "rl.episodes_per_iteration or ppo.episodes_per_update",
+    )
+    ray_address: str | None = option(
+        None,
+        "join this Ray cluster (e.g. auto, or ray://HOST:10001) instead of starting "
+        "a local Ray; with workers 0, one worker per CPU of the cluster",
+    )
     rl: RLConfig = option(RLConfig(episodes=60), "DQN settings")
     ppo: PPOConfig = option(PPOConfig(episodes=60), "PPO settings")
     eval: EvalConfig = option(
@@ -275,6 +287,13 @@ class TeacherConfig:
             )
         if self.neighbours < 0:
             raise UserError("neighbours must be 0 or more")
+        if self.workers < 0:
+            raise UserError(
+                f"workers is {self.workers}: choose 0 (collect in this process) or "
+                "a number of Ray workers"
+            )
+        if self.ppo.episodes_per_update < 1:
+            raise UserError("ppo.episodes_per_update must be >= 1")
         if self.observe != "local" and self.network.kind != "mlp":
             raise UserError(
                 f"observe {self.observe} needs network.kind mlp: the phase network "
@@ -299,6 +318,8 @@ def _validate_rl(rl: RLConfig) -> None:
             "rl.episodes must be >= 0, rl.batch_size >= 1 and rl.buffer_size >="
             " rl.batch_size"
         )
+    if rl.episodes_per_iteration < 1:
+        raise UserError("rl.episodes_per_iteration must be >= 1")
     if not 0 <= rl.gamma < 1:
         raise UserError(f"rl.gamma is {rl.gamma}: choose a discount in [0, 1)")
     if rl.kickstart < 0:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -227,3 +230,46 @@ def test_an_interrupted_dqn_run_resumes_to_the_same_weights(cross_env, tmp_path)
     assert [c["episode"] for c in curve] == [2, 3]
     for key, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_train_teacher_flags_set_its_workers():
+    from marlkd.cli import build_parser, config_from_args
+    from marlkd.config import TeacherConfig
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["train-teacher", "--workers", "2", "--ray-address", "auto"]
+    )
+    config = config_from_args(args, TeacherConfig)
+    assert (config.workers, config.ray_address) == (2, "auto")
+    config = config_from_args(parser.parse_args(["train-teacher"]), TeacherConfig)
+    assert (config.workers, config.ray_address) == (0, None)
+
+
+def test_rl_in_process_imports_no_ray(tmp_path, cross_net, cross_routes):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from marlkd.config import TeacherConfig, load_config
+        from marlkd.rl.train import train_teacher
+
+        config = load_config(None, [
+            "scenario.name=null",
+            'scenario.net="{cross_net}"',
+            'scenario.routes=["{cross_routes}"]',
+            "env.duration=100",
+            "algorithm=ppo",
+            "ppo.episodes=1",
+            "eval.episodes=1",
+            "eval.controllers=[teacher]",
+        ], TeacherConfig)
+        train_teacher(config, {str(tmp_path / "run")!r}, progress=False)
+        assert "ray" not in sys.modules, "ray was imported"
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "ok"

@@ -23,6 +23,7 @@ from marlkd.envs.traffic.env import TrafficSignalEnv
 from marlkd.evaluate import TABLE_KEYS, decision_latency_us, format_table, simulate
 from marlkd.rl.dqn import train_dqn
 from marlkd.rl.ppo import train_ppo
+from marlkd.rollout import make_collector
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.students import AgentLayout, make_student
 from marlkd.students.checkpoint import save_student
@@ -36,12 +37,17 @@ logger = logging.getLogger(__name__)
 
 
 def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -> dict:
-    """Train ``config.network`` with DQN, then evaluate it on held-out seeds."""
+    """Train ``config.network`` with DQN or PPO, then evaluate it on held-out seeds.
+
+    The training episodes run in this process, or on ``config.workers`` Ray
+    workers; the greedy evaluations run in this process.
+    """
     run_dir = Path(run_dir)
     save_config(config, run_dir / "config.yaml")
     logger.info("resolved config:\n%s", (run_dir / "config.yaml").read_text())
     env = TrafficSignalEnv(config.scenario.build(), config.env)
     writer = MetricWriter(run_dir)
+    collector = None
     # "local" trains on each signal's own observation; "neighbours" and
     # "global" train a central teacher on its neighbours' observations too.
     observe = config.observe
@@ -62,6 +68,14 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
                 agent_embedding=n.agent_embedding,
             )
             logger.info("%s network, %d parameters", n.kind, network.num_parameters())
+            collector = make_collector(
+                env,
+                None,
+                batcher,
+                teacher_spec=None,
+                workers=config.workers,
+                ray_address=config.ray_address,
+            )
 
             started = time.perf_counter()
             train = train_dqn if config.algorithm == "dqn" else train_ppo
@@ -76,6 +90,7 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
                 network,
                 settings,
                 batcher=batcher,
+                collector=collector,
                 writer=writer,
                 progress=progress,
                 **resumable,
@@ -96,6 +111,8 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
                 agent_embedding=n.agent_embedding,
                 writer=writer,
                 progress=progress,
+                workers=config.workers,
+                ray_address=config.ray_address,
             )
             train_s = time.perf_counter() - started
             network = policy.student
@@ -128,6 +145,8 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
             results[name] = outcome
     finally:
         writer.close()
+        if collector is not None:
+            collector.close()
         env.close()
 
     report = {

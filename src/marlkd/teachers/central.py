@@ -25,6 +25,7 @@ two more keys, which ``load_student`` ignores:
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Mapping
@@ -180,6 +181,8 @@ def train_central_teacher(
     writer=None,
     eval_seed: int = 9_000,
     progress: bool = True,
+    workers: int = 0,
+    ray_address: str | None = None,
 ) -> tuple[CentralTeacher, list[dict]]:
     """Train a central teacher with DQN on ``env``'s neighbourhood views.
 
@@ -193,18 +196,23 @@ def train_central_teacher(
             views, which have no per-phase features.
         writer: where ``rl/...`` metrics go.
         eval_seed: seed of the greedy evaluation episodes.
+        workers, ray_address: where the training episodes run (see
+            ``marlkd.rollout.make_collector``); each Ray worker builds the
+            same views around its own simulation.
 
     Returns:
         The trained teacher, and ``train_dqn``'s evaluation curve.
     """
     from marlkd.rl.dqn import train_dqn
+    from marlkd.rollout import make_collector
 
     if kind != "mlp":
         raise UserError(
             f"a central teacher cannot be a '{kind}' network: its input, the "
             "neighbours' observations, has no per-phase features; use mlp"
         )
-    wrapped = NeighbourObservationEnv(env, observe, k)
+    wrap = functools.partial(NeighbourObservationEnv, observe=observe, k=k)
+    wrapped = wrap(env)
     layout = wrapped.layout()
     batcher = AgentBatcher(env.possible_agents, layout.max_obs_size, layout.max_actions)
     torch.manual_seed(config.seed)
@@ -222,13 +230,26 @@ def train_central_teacher(
         wrapped.view.obs_size,
         network.num_parameters(),
     )
-    curve = train_dqn(
+    collector = make_collector(
         wrapped,
-        network,
-        config,
-        batcher=batcher,
-        writer=writer,
-        eval_seed=eval_seed,
-        progress=progress,
+        None,
+        batcher,
+        teacher_spec=None,
+        workers=workers,
+        ray_address=ray_address,
+        wrap=wrap,
     )
+    try:
+        curve = train_dqn(
+            wrapped,
+            network,
+            config,
+            batcher=batcher,
+            collector=collector,
+            writer=writer,
+            eval_seed=eval_seed,
+            progress=progress,
+        )
+    finally:
+        collector.close()
     return CentralTeacher(network, wrapped.view, observe), curve
