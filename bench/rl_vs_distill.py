@@ -14,8 +14,20 @@ Learning curves are greedy episodes on validation seed 9000; the final
 figures are 5 held-out seeds (10000-10004). Writes ``summary.json`` and
 ``curves.png`` into ``--out`` and prints the figures of the issue.
 
+Budgets shorter than one simulated hour. Whole-hour rounds can only say
+"at most one hour" of a method that needs minutes, so both sides are also
+measured on a finer grid: a *budget* of ``n`` steps is a training run whose
+only episode stops after ``n`` decisions (``env.duration``), scored on the
+same whole validation hour. For RL from scratch this is exactly DQN after its
+first ``n`` steps (the first ``n`` steps of a longer episode are the same
+transitions, exploration draws and updates); for distillation it is behaviour
+cloning on the teacher's first ``n`` decisions. Steps to 95% are then
+bracketed: the first budget that reaches the mark, and the last one below it
+that did not. The speed-up is the conservative one: RL from scratch's last
+budget that missed, over distillation's first budget that reached.
+
 Run:  .venv/bin/python bench/rl_vs_distill.py --scenarios grid4x4 arterial4 \
-          --seeds 0 1 2
+          city --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -51,6 +63,20 @@ def main() -> None:
     parser.add_argument("--teacher-episodes", type=int, default=30)
     parser.add_argument("--kickstart-episodes", type=int, default=20)
     parser.add_argument("--test-episodes", type=int, default=5)
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        type=int,
+        default=[3, 6, 12, 24, 48],
+        help="decisions of the one-episode distillation budgets",
+    )
+    parser.add_argument(
+        "--rl-budgets",
+        nargs="+",
+        type=int,
+        default=[60, 120, 180, 240, 300],
+        help="decisions of the one-episode RL-from-scratch budgets",
+    )
     parser.add_argument("--out", default="bench/out/rl_vs_distill")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -106,6 +132,13 @@ def run_case(scenario: str, seed: int, args, root: Path) -> dict:
     case["scratch"] = timed(
         "scratch", lambda: rl_from_scratch(scenario, seed, args, root)
     )
+    case["scratch"]["budgets"] = timed(
+        "budgets_scratch",
+        lambda: [
+            rl_from_scratch(scenario, seed, args, root, steps=n)
+            for n in args.rl_budgets
+        ],
+    )
 
     # (b) DAgger from MaxPressure
     run = root / "dagger-mp"
@@ -117,7 +150,13 @@ def run_case(scenario: str, seed: int, args, root: Path) -> dict:
             progress=False,
         ),
     )
-    case["dagger_mp"] = {"curve": json.loads((run / "rounds_curve.json").read_text())}
+    case["dagger_mp"] = {
+        "curve": json.loads((run / "rounds_curve.json").read_text()),
+        "budgets": timed(
+            "budgets_mp",
+            lambda: distill_budgets(common, seed, "max-pressure", args, root),
+        ),
+    }
     case["dagger_mp"]["test"] = test(run, args)
 
     # (c) kickstarting from MaxPressure
@@ -180,14 +219,29 @@ def run_case(scenario: str, seed: int, args, root: Path) -> dict:
             progress=False,
         ),
     )
-    case["dagger_rl"] = {"curve": json.loads((run / "rounds_curve.json").read_text())}
+    case["dagger_rl"] = {
+        "curve": json.loads((run / "rounds_curve.json").read_text()),
+        "budgets": timed(
+            "budgets_rl",
+            lambda: distill_budgets(common, seed, str(teacher_path), args, root),
+        ),
+    }
     case["dagger_rl"]["test"] = test(run, args)
     return case
 
 
-def rl_from_scratch(scenario: str, seed: int, args, root: Path) -> dict:
+def rl_from_scratch(
+    scenario: str, seed: int, args, root: Path, steps: int | None = None
+) -> dict:
+    """DQN from scratch; with ``steps``, only its first ``steps`` decisions.
+
+    A budget run is scored by one greedy whole hour on the validation seed,
+    a full run by its curve and the held-out test seeds.
+    """
     config = RunConfig()
     config.scenario.name = scenario
+    if steps is not None:
+        config.env.duration = (steps + 1) * config.env.delta_time
     env = TrafficSignalEnv(config.scenario.build(), config.env)
     try:
         layout = AgentLayout.from_traffic_specs(env.specs, config.env.max_green)
@@ -197,23 +251,72 @@ def rl_from_scratch(scenario: str, seed: int, args, root: Path) -> dict:
         torch.manual_seed(seed)
         network = make_student("phase", layout)
         rl = RLConfig(
-            episodes=args.scratch_episodes,
+            episodes=1 if steps is not None else args.scratch_episodes,
             eps_episodes=args.scratch_episodes / 3,
-            eval_every=2,
+            eval_every=0 if steps is not None else 1,
             seed=3000 + 100 * seed,
         )
         curve = train_dqn(env, network, rl, batcher=batcher, progress=False)
-        policy = StudentPolicy(network, batcher)
-        test_figures = simulate(
-            env, policy, episodes=args.test_episodes, seed=10_000, progress=False
-        )["mean"]
+        if steps is None:
+            policy = StudentPolicy(network, batcher)
+            test_figures = simulate(
+                env, policy, episodes=args.test_episodes, seed=10_000, progress=False
+            )["mean"]
     finally:
         env.close()
+    if steps is not None:
+        return {"env_steps": steps, **validation_hour(scenario, network, batcher)}
     return {
         "curve": curve,
         "test": test_figures,
         "parameters": network.num_parameters(),
     }
+
+
+def distill_budgets(common: list[str], seed: int, teacher: str, args, root: Path):
+    """Behaviour cloning on the teacher's first n decisions, for each budget n.
+
+    Each budget is one collection episode cut after n decisions; the student
+    is scored on one whole validation hour.
+    """
+    points = []
+    name = "mp" if teacher == "max-pressure" else "rl"
+    for n in args.budgets:
+        config = load_config(
+            None,
+            [
+                *common,
+                f"collect.seed={100 * seed}",
+                f"teacher={json.dumps(teacher)}",
+                "collect.iterations=1",
+                "collect.validate=false",
+            ],
+        )
+        config.env.duration = (n + 1) * config.env.delta_time
+        student = distill(config, root / f"budget-{name}-{n}", progress=False)
+        points.append(
+            {"env_steps": n, **validation_hour(config.scenario.name, student, None)}
+        )
+    return points
+
+
+def validation_hour(scenario: str, network, batcher) -> dict:
+    """Network figures of one greedy whole hour on the validation seed."""
+    config = RunConfig()
+    config.scenario.name = scenario
+    env = TrafficSignalEnv(config.scenario.build(), config.env)
+    try:
+        if batcher is None:
+            layout = AgentLayout.from_traffic_specs(env.specs, config.env.max_green)
+            batcher = AgentBatcher(
+                env.possible_agents, layout.max_obs_size, layout.max_actions
+            )
+        policy = StudentPolicy(network, batcher)
+        return simulate(env, policy, episodes=1, seed=VALIDATION_SEED, progress=False)[
+            "mean"
+        ]
+    finally:
+        env.close()
 
 
 def test(run: Path, args) -> dict:
@@ -226,12 +329,25 @@ def test(run: Path, args) -> dict:
     return {k: v["mean"] for k, v in report_["controllers"].items()}
 
 
-def steps_to_reach(curve: list[dict], threshold_s: float) -> int | None:
-    """Environment steps at the first validation point at or below the threshold."""
+def steps_to_reach(curve: list[dict], threshold_s: float) -> tuple[int | None, int]:
+    """The first point at or below the threshold, and the last one before it.
+
+    Returns:
+        (environment steps of the first point that reaches the threshold, or
+        None; environment steps of the point before it, 0 when there is none).
+    """
+    before = 0
     for point in sorted(curve, key=lambda p: p["env_steps"]):
         if point["avg_delay_s"] <= threshold_s:
-            return int(point["env_steps"])
-    return None
+            return int(point["env_steps"]), before
+        before = int(point["env_steps"])
+    return None, before
+
+
+def full_curve(method: dict) -> list[dict]:
+    """A method's budget points and its curve of whole episodes, by steps."""
+    points = [*method.get("budgets", []), *method["curve"]]
+    return sorted(points, key=lambda p: p["env_steps"])
 
 
 def print_case(key: str, case: dict) -> None:
@@ -254,61 +370,67 @@ def print_case(key: str, case: dict) -> None:
 
 
 def report(summary: dict, scenarios: list[str], out: Path) -> None:
-    rows = []
+    print(
+        "\n| case | teacher | 95% mark s | distillation: first budget reaching"
+        " | RL from scratch: last missing / first reaching | speed-up (conservative)"
+        " |\n|---|---|---|---|---|---|"
+    )
     for scenario in scenarios:
-        cases = [v for k, v in summary.items() if k.startswith(f"{scenario}/")]
-        if not cases:
-            continue
-        for teacher, label in (
-            ("dagger_mp", "MaxPressure"),
-            ("dagger_rl", "RL teacher"),
-        ):
-            speedups = []
-            for case in cases:
+        for key, case in summary.items():
+            if not key.startswith(f"{scenario}/"):
+                continue
+            for method, label in (("dagger_mp", "MaxPressure"), ("dagger_rl", "RL")):
                 teacher_val = (
                     case["max_pressure_val_delay_s"]
-                    if teacher == "dagger_mp"
+                    if method == "dagger_mp"
                     else case["rl_teacher"]["curve"][-1]["avg_delay_s"]
                 )
-                threshold = teacher_val / 0.95
-                distilled = steps_to_reach(case[teacher]["curve"], threshold)
-                scratch = steps_to_reach(case["scratch"]["curve"], threshold)
-                budget = max(p["env_steps"] for p in case["scratch"]["curve"])
-                speedups.append((distilled, scratch, budget))
-            rows.append((scenario, label, speedups))
-        for case in cases:
-            kick = case["kickstart_mp"]["test"]
-            rows.append(
-                (
-                    scenario,
-                    "kickstart vs MaxPressure (test delay)",
-                    [
-                        (
-                            kick["student"]["avg_delay_s"],
-                            kick["teacher"]["avg_delay_s"],
-                            None,
-                        )
-                    ],
+                mark = teacher_val / 0.95
+                hit, _ = steps_to_reach(full_curve(case[method]), mark)
+                rl_hit, rl_miss = steps_to_reach(full_curve(case["scratch"]), mark)
+                speedup = (
+                    f"{rl_miss / hit:.0f} x" if hit and rl_hit and rl_miss else "n/a"
                 )
-            )
+                print(
+                    f"| {key} | {label} | {mark:.2f} | {hit} | {rl_miss} / {rl_hit}"
+                    f" | {speedup} |"
+                )
+    print(
+        "\n| case | MaxPressure | kickstarted | RL teacher | its student"
+        " | parameters teacher / student | performance kept |"
+        "\n|---|---|---|---|---|---|---|"
+    )
+    for scenario in scenarios:
+        for key, case in summary.items():
+            if not key.startswith(f"{scenario}/"):
+                continue
+            kick = case["kickstart_mp"]["test"]
             rl = case["rl_teacher"]["test"]
             student = case["dagger_rl"]["test"]["student"]
-            rows.append(
-                (
-                    scenario,
-                    "RL teacher vs its student (params, test delay)",
-                    [
-                        (
-                            rl["parameters"] / student["parameters"],
-                            rl["avg_delay_s"] / student["avg_delay_s"],
-                            None,
-                        )
-                    ],
-                )
+            print(
+                f"| {key} | {kick['teacher']['avg_delay_s']:.2f}"
+                f" | {kick['student']['avg_delay_s']:.2f} | {rl['avg_delay_s']:.2f}"
+                f" | {student['avg_delay_s']:.2f}"
+                f" | {rl['parameters'] / student['parameters']:.0f} x"
+                f" | {rl['avg_delay_s'] / student['avg_delay_s']:.1%} |"
             )
-    for row in rows:
-        print(row)
+    print("\n| case | " + " | ".join(TIMED) + " | all |\n|" + "---|" * (len(TIMED) + 2))
+    for key, case in summary.items():
+        t = case["timings_s"]
+        print(
+            f"| {key} | "
+            + " | ".join(f"{t.get(name, 0):.0f}" for name in TIMED)
+            + f" | {case['wall_s']:.0f} |"
+        )
+    total = sum(case["wall_s"] for case in summary.values())
+    print(f"\nall cases: {total:.0f} s ({total / 60:.1f} min)")
     plot(summary, scenarios, out / "curves.png")
+
+
+TIMED = (
+    "scratch", "budgets_scratch", "dagger_mp", "budgets_mp", "kickstart_mp",
+    "rl_teacher", "dagger_rl", "budgets_rl",
+)  # fmt: skip
 
 
 def plot(summary: dict, scenarios: list[str], path: Path) -> None:
@@ -327,7 +449,7 @@ def plot(summary: dict, scenarios: list[str], path: Path) -> None:
         cases = [v for k, v in summary.items() if k.startswith(f"{scenario}/")]
         for name, (label, color) in styles.items():
             for i, case in enumerate(cases):
-                curve = sorted(case[name]["curve"], key=lambda p: p["env_steps"])
+                curve = full_curve(case[name])
                 ax.plot(
                     [p["env_steps"] for p in curve],
                     [p["avg_delay_s"] for p in curve],
@@ -342,7 +464,8 @@ def plot(summary: dict, scenarios: list[str], path: Path) -> None:
         ax.set_title(
             f"{scenario}: {len(cases)} seeds, validation seed {VALIDATION_SEED}"
         )
-        ax.set_xlabel("environment steps (decisions of all signals)")
+        ax.set_xscale("log")
+        ax.set_xlabel("environment steps (decisions of all signals; log scale)")
         ax.set_ylabel("average trip delay (s)")
         ax.set_ylim(0, 2.5 * mp)
         ax.legend(fontsize=8)
