@@ -1,5 +1,8 @@
 """Collectors: run a behaviour policy, have the teacher label what it visits.
 
+DAgger and behaviour cloning collect teacher-labelled samples; DQN and PPO
+collect, through the same call, what their learners need (rewards, next
+observations, global states), labelled only when kickstarting.
 :class:`LocalCollector` runs the episodes in this process;
 :class:`~marlkd.rollout.ray_collector.RayCollector` spreads them over Ray
 actors, one simulation each. Both have the same ``collect`` and give the same
