@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from marlkd.envs.traffic.env import TrafficEnvConfig, TrafficSignalEnv
 from marlkd.envs.traffic.scenarios import get_scenario
-from marlkd.rl.dqn import greedy_episode
+from marlkd.errors import UserError
+from marlkd.rl.config import RLConfig
+from marlkd.rl.dqn import greedy_episode, train_dqn
 from marlkd.rl.ppo import (
     Critic,
     PPOConfig,
@@ -226,6 +228,100 @@ def test_bad_settings_are_refused(make_env):
         train_ppo(env, network, tiny_config(kickstart=1.0), batcher=batcher)
     with pytest.raises(ValueError, match="unknown critic"):
         train_ppo(env, network, tiny_config(critic="global"), batcher=batcher)
+
+
+# ------------------------------------------------------------ resuming
+@pytest.mark.parametrize("critic", ["local", "central"])
+def test_an_interrupted_run_resumes_to_the_same_weights_and_curve(
+    make_env, tmp_path, critic
+):
+    env = make_env(300)
+    # updates of two episodes: [0, 1], [2, 3]; the stopped run ends after [0, 1]
+    config = tiny_config(episodes=4, episodes_per_update=2, critic=critic)
+
+    whole, batcher = student_for(env)
+    whole_curve = train_ppo(
+        env, whole, config, batcher=batcher, checkpoint=tmp_path / "a.pt",
+        progress=False,
+    )  # fmt: skip
+
+    stopped, _ = student_for(env)
+    short = PPOConfig(**{**vars(config), "episodes": 2})
+    train_ppo(
+        env, stopped, short, batcher=batcher, checkpoint=tmp_path / "b.pt",
+        progress=False,
+    )  # fmt: skip
+    resumed, _ = student_for(env)
+    writer = MetricWriter(tmp_path / "resumed", tensorboard=False)
+    try:
+        curve = train_ppo(
+            env, resumed, config, batcher=batcher, checkpoint=tmp_path / "b.pt",
+            writer=writer, progress=False,
+        )  # fmt: skip
+    finally:
+        writer.close()
+
+    # the resumed run trained only the second update, and ended where the
+    # uninterrupted one did: policy, critic, optimiser and value normaliser
+    assert [v for _, v in read_metrics(tmp_path / "resumed")["rl/episode"]] == [4]
+    assert curve == whole_curve
+    assert [c["episode"] for c in curve] == [2, 4]
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    for key, value in a["critic"].items():
+        assert torch.equal(value, b["critic"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, moments in a["optimizer"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, b["optimizer"]["state"][i][name]), (i, name)
+    assert a["value_norm"] == b["value_norm"]
+    assert (a["episode"], a["env_steps"], a["updates"]) == (
+        b["episode"], b["env_steps"], b["updates"],
+    )  # fmt: skip
+
+
+def test_a_state_that_does_not_fit_is_refused_in_one_line(make_env, tmp_path):
+    env = make_env(60)
+    network, batcher = student_for(env)
+    state = tmp_path / "rl_state.pt"
+    train_ppo(
+        env, network, tiny_config(episodes=1), batcher=batcher, checkpoint=state,
+        progress=False,
+    )  # fmt: skip
+    saved = state.read_bytes()
+
+    def refusal(config=None, network=None) -> str:
+        state.write_bytes(saved)
+        if network is None:
+            network, _ = student_for(env)
+        with pytest.raises(UserError) as error:
+            train_ppo(
+                env, network, config or tiny_config(episodes=2), batcher=batcher,
+                checkpoint=state, progress=False,
+            )  # fmt: skip
+        assert "\n" not in str(error.value)
+        assert state.read_bytes() == saved, "a refused state must stay as it was"
+        return str(error.value)
+
+    wider = make_student("mlp", network.layout, hidden=(48, 32))
+    assert "does not fit" in refusal(network=wider)
+    assert "(48," in refusal(network=wider) and "(32," in refusal(network=wider)
+    message = refusal(tiny_config(episodes=2, critic_hidden=[16]))
+    assert "critic" in message and "does not fit" in message
+    assert "ppo.critic: local" in refusal(tiny_config(episodes=2, critic="central"))
+
+    # a DQN run's state, and a file that is no training state at all
+    dqn = tmp_path / "dqn.pt"
+    train_dqn(
+        env, student_for(env)[0], RLConfig(episodes=1, learning_starts=10**6),
+        batcher=batcher, checkpoint=dqn, progress=False,
+    )  # fmt: skip
+    saved = dqn.read_bytes()
+    assert "from a DQN run" in refusal()
+    saved = b"not a checkpoint"
+    assert "could not be read" in refusal()
 
 
 # --------------------------------------------------------------- learning

@@ -35,6 +35,11 @@ normalised by their running mean and standard deviation:
 The critic only trains the policy: the student that is kept, and exported,
 has the same architecture whichever critic is used.
 
+With a ``checkpoint`` path, the whole training state (policy, critic,
+optimiser, value normaliser, random generators, counters and curve) is
+written there after every update, and a run that finds it continues from it
+to the same weights and curve as a run that was never interrupted.
+
 Kickstarting (Schmitt et al., 2018) adds a distillation term towards the
 teacher's scores, recorded on the visited states while collecting, with a
 weight λ_k annealed linearly over episodes:
@@ -45,8 +50,12 @@ weight λ_k annealed linearly over episodes:
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,6 +66,7 @@ from tqdm.auto import tqdm
 
 from marlkd.distill.dataset import Transitions
 from marlkd.distill.losses import kl_loss
+from marlkd.errors import UserError
 from marlkd.rl.behaviour import Sampling
 from marlkd.rl.config import PPOConfig
 from marlkd.rl.dqn import decision_sizes, episode_returns, greedy_episode
@@ -65,6 +75,7 @@ from marlkd.rollout.batching import AgentBatcher
 from marlkd.students.base import masked_value
 from marlkd.students.layout import AgentLayout
 from marlkd.tracking import MetricWriter
+from marlkd.utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +220,7 @@ def train_ppo(
     writer: MetricWriter | None = None,
     eval_seed: int = 9_000,
     step_offset: int = 0,
+    checkpoint: Path | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Train ``policy_network`` as a shared policy on ``env`` with PPO.
@@ -231,11 +243,18 @@ def train_ppo(
             kept apart from training seeds and from the held-out test seeds.
         step_offset: environment steps already taken before this call (a
             distilled student's collection), so curves share one axis.
+        checkpoint: where the whole training state (policy, critic,
+            optimiser, value normaliser, random generators) is written after
+            every update; when it exists, training resumes from it.
         progress: show a progress bar over episodes.
 
     Returns:
         One record per greedy evaluation: ``env_steps``, ``episode`` and the
         network figures of that episode.
+
+    Raises:
+        UserError: ``checkpoint`` holds a state this run cannot continue:
+            another algorithm's, another critic's, or networks of other sizes.
     """
     if config.critic not in CRITICS:
         raise ValueError(
@@ -270,8 +289,17 @@ def train_ppo(
     )
     value_norm = RunningNorm(config.value_norm)
     env_steps, updates, curve, episode = step_offset, 0, [], 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        episode, env_steps, updates, curve = _load_state(
+            checkpoint, config.critic, policy_network, critic, optimizer,
+            value_norm, rng,
+        )  # fmt: skip
+        logger.info("resuming PPO at episode %d of %d", episode, config.episodes)
     bar = tqdm(
-        total=config.episodes, desc="ppo episodes", disable=None if progress else True
+        total=config.episodes,
+        initial=episode,
+        desc="ppo episodes",
+        disable=None if progress else True,
     )
 
     while episode < config.episodes:
@@ -396,8 +424,123 @@ def train_ppo(
             )
         if writer is not None:
             writer.log(env_steps, metrics)
+        if checkpoint is not None:
+            _save_state(
+                checkpoint, config.critic, episode, env_steps, updates, curve,
+                policy_network, critic, optimizer, value_norm, rng,
+            )  # fmt: skip
     bar.close()
     return curve
+
+
+def read_training_state(path: Path, algorithm: str) -> Mapping:
+    """The training state at ``path``, which ``algorithm`` ("dqn", "ppo") wrote.
+
+    DQN's states carry no ``algorithm`` key; they are told by their target
+    network.
+
+    Raises:
+        UserError: the file cannot be read, or another algorithm wrote it.
+    """
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch raises several types for a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(
+            f"the training state {path} could not be read ({first}): delete it "
+            "to train from the start"
+        ) from exc
+    found = None
+    if isinstance(state, Mapping):
+        found = state.get("algorithm", "dqn" if "target" in state else None)
+    if found != algorithm:
+        written = f"a {found.upper()} run" if isinstance(found, str) else "no RL run"
+        raise UserError(
+            f"the training state {path} is from {written}, this run trains with "
+            f"{algorithm.upper()}: resume with the algorithm it was written by, "
+            "or delete it to train from the start"
+        )
+    return state
+
+
+def check_fits(path: Path, state: Mapping, modules: Mapping[str, nn.Module]) -> None:
+    """Refuse a training state whose saved networks differ from ``modules``.
+
+    Args:
+        path: the state's file, named in the message.
+        state: the loaded training state.
+        modules: the networks of this run, by their key in ``state``.
+
+    Raises:
+        UserError: one line naming the first tensor that differs, and the fix.
+    """
+    for key, module in modules.items():
+        saved = state.get(key)
+        if not isinstance(saved, Mapping):
+            raise UserError(
+                f"the training state {path} holds no {key}: delete it to train "
+                "from the start"
+            )
+        own = module.state_dict()
+        for name in [*own, *(n for n in saved if n not in own)]:
+            here = tuple(own[name].shape) if name in own else "absent"
+            there = tuple(saved[name].shape) if name in saved else "absent"
+            if here != there:
+                raise UserError(
+                    f"the training state {path} does not fit this run: {key} "
+                    f"{name} is {there} there and {here} here; resume with the "
+                    "scenario and network it was written for, or delete it to "
+                    "train from the start"
+                )
+
+
+def _save_state(
+    path, critic_kind, episode, env_steps, updates, curve,
+    policy_network, critic, optimizer, value_norm, rng,
+) -> None:  # fmt: skip
+    """Everything an interrupted run needs, written atomically."""
+    state = {
+        "algorithm": "ppo",
+        "critic_kind": critic_kind,
+        "episode": episode,
+        "env_steps": env_steps,
+        "updates": updates,
+        "curve": json.dumps(curve),
+        "rng": json.dumps(rng.bit_generator.state),
+        "torch_rng": torch.get_rng_state(),
+        "network": policy_network.state_dict(),
+        "critic": critic.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "value_norm": json.dumps(
+            {"mean": value_norm.mean, "var": value_norm.var, "count": value_norm.count}
+        ),
+    }
+    data = io.BytesIO()
+    torch.save(state, data)
+    atomic_write_bytes(Path(path), data.getvalue())
+
+
+def _load_state(path, critic_kind, policy_network, critic, optimizer, value_norm, rng):
+    path = Path(path)
+    state = read_training_state(path, "ppo")
+    if state.get("critic_kind") != critic_kind:
+        raise UserError(
+            f"the training state {path} trained a {state.get('critic_kind')} "
+            f"critic, this run a {critic_kind} one: set ppo.critic: "
+            f"{state.get('critic_kind')} to resume it, or delete it to train "
+            "from the start"
+        )
+    check_fits(path, state, {"network": policy_network, "critic": critic})
+    policy_network.load_state_dict(state["network"])
+    critic.load_state_dict(state["critic"])
+    optimizer.load_state_dict(state["optimizer"])
+    norm = json.loads(state["value_norm"])
+    value_norm.mean, value_norm.var = float(norm["mean"]), float(norm["var"])
+    value_norm.count = int(norm["count"])
+    rng.bit_generator.state = json.loads(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    curve = json.loads(state["curve"])
+    return int(state["episode"]), int(state["env_steps"]), int(state["updates"]), curve
 
 
 @torch.no_grad()
