@@ -11,6 +11,7 @@ from marlkd.students.layout import AgentEntry, AgentLayout
 from marlkd.students.mlp import MLPStudent
 from marlkd.students.phase import PhaseStudent
 from marlkd.students.registry import STUDENTS, make_student
+from marlkd.students.routing import RoutingStudent
 
 __all__ = [
     "STUDENTS",
@@ -18,6 +19,7 @@ __all__ = [
     "AgentLayout",
     "MLPStudent",
     "PhaseStudent",
+    "RoutingStudent",
     "Student",
     "StudentOutput",
     "check_layout",

@@ -7,18 +7,24 @@ from marlkd.students.base import Student
 from marlkd.students.layout import AgentLayout
 from marlkd.students.mlp import MLPStudent
 from marlkd.students.phase import PhaseStudent
+from marlkd.students.routing import RoutingStudent
 
-STUDENTS: dict[str, type[Student]] = {"mlp": MLPStudent, "phase": PhaseStudent}
+STUDENTS: dict[str, type[Student]] = {
+    "mlp": MLPStudent,
+    "phase": PhaseStudent,
+    "routing": RoutingStudent,
+}
 
 
 def make_student(kind: str, layout: AgentLayout, **kwargs) -> Student:
     """The student of ``kind`` for the agents of ``layout``.
 
     Args:
-        kind: "mlp" or "phase".
+        kind: "mlp", "phase" or "routing" (clients' students, one per agent).
         layout: the agents the student acts for.
         **kwargs: the student's constructor arguments (hidden, shared,
-            agent_embedding).
+            agent_embedding; for routing: client_kind, client_kwargs,
+            assignment).
     """
     if kind not in STUDENTS:
         raise UserError(
