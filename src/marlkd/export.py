@@ -107,10 +107,56 @@ def network_from_student(student) -> ExportNetwork:
         return _phase_network(student)
     if student.kind == "mlp":
         return _mlp_network(student)
+    if student.kind == "routing":
+        return _routing_network(student)
     raise UserError(
-        f"marlkd export knows phase and mlp students, not {student.kind!r}: "
-        "distil a phase or mlp student"
+        f"marlkd export knows phase, mlp and routing students, not "
+        f"{student.kind!r}: distil a phase or mlp student"
     )
+
+
+def _routing_network(student) -> ExportNetwork:
+    """Clients' mlp students, one per agent, as one mlp with a network per agent.
+
+    Agent i gets the layers of the client that drives it: a client's shared
+    network becomes agent i's own, its agent embedding folded into agent i's
+    first bias, so the per-agent form of ``_mlp_network`` computes the
+    routing student's function exactly.
+
+    Raises:
+        UserError: clients of the phase kind, whose per-agent form the runtime
+            lacks.
+    """
+    if student.config["client_kind"] != "mlp":
+        raise UserError(
+            "marlkd export cannot write a routing student of "
+            f"{student.config['client_kind']} clients (mutual distillation split "
+            "by agents): the runtime has no phase network per agent; distil with "
+            "student.kind mlp, or with cooperate.split episodes or method fedavg"
+        )
+    layout = student.layout
+    networks = [_mlp_network(c) for c in student.clients]
+    clients = [n.tensors for n in networks]
+    per_agent = [n.structure["per_agent"] for n in networks]
+    layers = networks[0].structure["layers"]
+
+    def of_agent(name: str, i: int) -> np.ndarray:
+        k = int(student.client_of[i])
+        tensor = clients[k][name]
+        if per_agent[k]:
+            return tensor[i]
+        if name == "layer0_bias" and tensor.ndim == 2:  # embedding folded in
+            return tensor[i]
+        return tensor
+
+    tensors = {"inv_scale": layout.inverse_scales(), "exists": layout.action_exists()}
+    names = [f"layer{j}_{p}" for j in range(layers) for p in ("weight", "bias")]
+    for name in [*names, "head_weight", "head_bias"]:
+        # both forms are padded to the layout's sizes already
+        rows = [of_agent(name, i) for i in range(layout.num_agents)]
+        tensors[name] = np.stack(rows).astype(np.float32)
+    structure = {"kind": "mlp", "per_agent": True, "layers": layers}
+    return ExportNetwork(structure, tensors)
 
 
 def _linears(sequential) -> list:
