@@ -77,6 +77,10 @@ class RayClients:
         address: a Ray cluster to join; None starts a local Ray with
             ``workers`` CPUs, unless this process already runs Ray.
         max_attempts: runs of one actor's part of a round before giving up.
+        num_cpus: CPUs each actor reserves. 0 lets the actors run beside
+            actors that hold the CPUs but wait meanwhile (a distillation run's
+            rollout workers, between collections); with ``workers`` 0 there
+            is then one actor per CPU of the cluster, not per free one.
     """
 
     def __init__(
@@ -90,9 +94,10 @@ class RayClients:
         workers: int = 0,
         address: str | None = None,
         max_attempts: int = 3,
+        num_cpus: float = 1.0,
     ):
-        if workers < 0 or max_attempts < 1:
-            raise UserError("workers must be >= 0 and max_attempts >= 1")
+        if workers < 0 or max_attempts < 1 or num_cpus < 0:
+            raise UserError("workers must be >= 0, max_attempts >= 1 and num_cpus >= 0")
         ray = import_ray()
         self._owns_ray = False
         self._actors: list = []
@@ -105,7 +110,8 @@ class RayClients:
                 address,
             )
         if workers == 0:
-            workers = max(int(ray.available_resources().get("CPU", 0)), 1)
+            cpus = ray.available_resources() if num_cpus else ray.cluster_resources()
+            workers = max(int(cpus.get("CPU", 0)), 1)
         workers = min(workers, len(parts))
 
         self.max_attempts = max_attempts
@@ -118,7 +124,7 @@ class RayClients:
             ray.put(config),
             ray.put(None if shared is None else dict(shared)),
         )
-        self._actor = ray.remote(num_cpus=1, max_restarts=0)(LearnerWorker)
+        self._actor = ray.remote(num_cpus=num_cpus, max_restarts=0)(LearnerWorker)
         try:
             self._actors = [self._actor.remote() for _ in range(workers)]
             pids = _wait_ready(ray, [self._build(w) for w in range(workers)])
