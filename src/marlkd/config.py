@@ -150,6 +150,76 @@ class TrainConfig:
 
 
 @dataclass
+class LearnTogether:
+    """How students learn together: the settings of every client and round."""
+
+    method: str = option(
+        "none",
+        "none: one student trained on all the data; fedavg: clients train on "
+        "their own parts and their parameters are averaged every round "
+        "(McMahan et al. 2017); mutual: each client keeps its own student, "
+        "pulled towards its peers' predictions (Zhang et al. 2018)",
+    )
+    rounds: int = option(10, "rounds of local training followed by combining")
+    local_epochs: int = option(
+        2, "passes of each client over its own samples per round"
+    )
+    mutual_weight: float = option(
+        1.0, "weight of the KL term towards the peers (mutual)"
+    )
+    mutual_temperature: float = option(
+        1.0, "softmax temperature of the KL term towards the peers (mutual)"
+    )
+
+    def check(self, methods: tuple[str, ...], where: str = "") -> None:
+        """Raise a UserError naming the first bad setting (keys under ``where``)."""
+        if self.method not in methods:
+            choices = ", ".join(methods[:-1]) + " or " + methods[-1]
+            raise UserError(f"{where}method is '{self.method}': choose {choices}")
+        for key in ("rounds", "local_epochs"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{where}{key} is {getattr(self, key)}: give 1 or more")
+        if self.mutual_weight < 0:
+            raise UserError(
+                f"{where}mutual_weight is {self.mutual_weight}: give 0 or more"
+            )
+        if self.mutual_temperature <= 0:
+            raise UserError(
+                f"{where}mutual_temperature is {self.mutual_temperature}: give a "
+                "temperature above 0"
+            )
+
+
+@dataclass
+class CooperateConfig(LearnTogether):
+    """Students that learn together in each round of a distillation run."""
+
+    clients: int = option(
+        4, "clients, each training on its own part of every round's data"
+    )
+    split: str = option(
+        "agents",
+        "how the data is parted: agents (client k keeps the signals i with i mod "
+        "clients = k and, with mutual, drives them in the run's student) or "
+        "episodes (client k keeps the episodes whose seed mod clients = k)",
+    )
+
+    def validate(self) -> None:
+        self.check(("none", "fedavg", "mutual"), "cooperate.")
+        if self.method == "none":
+            return
+        if self.clients < 2:
+            raise UserError(
+                f"cooperate.clients is {self.clients}: give 2 or more, or set "
+                "cooperate.method: none for one student"
+            )
+        if self.split not in ("agents", "episodes"):
+            raise UserError(
+                f"cooperate.split is '{self.split}': choose agents or episodes"
+            )
+
+
+@dataclass
 class EvalConfig:
     """Evaluation on held-out seeds."""
 
@@ -175,6 +245,11 @@ class RunConfig:
     loss: LossConfig = option(LossConfig(), "distillation loss terms")
     collect: CollectConfig = option(CollectConfig(), "data collection")
     train: TrainConfig = option(TrainConfig(), "optimisation")
+    cooperate: CooperateConfig = option(
+        CooperateConfig(),
+        "students that learn together: each round trains clients on parts of "
+        "the data instead of one student on all of it",
+    )
     eval: EvalConfig = option(EvalConfig(), "evaluation on held-out seeds")
     rl: RLConfig = option(
         RLConfig(),
@@ -216,6 +291,32 @@ class RunConfig:
             raise UserError(
                 "loss weights must be >= 0 and at least one above 0 (kl, ce, mse,"
                 " feature)"
+            )
+        if self.student.kind == "routing":
+            raise UserError(
+                "student.kind is routing, which only a run builds (cooperate.method "
+                "mutual, split agents): choose phase or mlp"
+            )
+        self._validate_cooperate()
+
+    def _validate_cooperate(self) -> None:
+        co = self.cooperate
+        co.validate()
+        if co.method == "none":
+            return
+        if self.loss.feature > 0:
+            raise UserError(
+                f"loss.feature is {self.loss.feature} with cooperate.method "
+                f"{co.method}: the feature projection is neither averaged nor "
+                "exchanged between clients; set loss.feature=0"
+            )
+        episodes = self.collect.episodes_per_iteration
+        if co.split == "episodes" and episodes < co.clients:
+            raise UserError(
+                f"cooperate.split episodes gives {co.clients} clients but "
+                f"collect.episodes_per_iteration is {episodes}: every client needs "
+                f"an episode per round; set collect.episodes_per_iteration="
+                f"{co.clients} or cooperate.split=agents"
             )
 
 

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from marlkd.config import TrainConfig
+from marlkd.config import LearnTogether, TrainConfig
 from marlkd.distill.dataset import Transitions
 from marlkd.distill.losses import DistillationLoss, kl_loss
 from marlkd.errors import UserError
@@ -74,9 +74,13 @@ METHODS = ("fedavg", "mutual")
 CHECKPOINT_FORMAT = "marlkd.cooperative"
 
 
-@dataclass(frozen=True)
-class CooperativeConfig:
+@dataclass
+class CooperativeConfig(LearnTogether):
     """How the clients learn together.
+
+    The fields and their help are those of the ``cooperate`` section of a
+    run's configuration (:class:`~marlkd.config.LearnTogether`), with the
+    method ``fedavg`` by default, and the local optimisation besides.
 
     Attributes:
         method: ``fedavg`` (parameter averaging) or ``mutual`` (mutual
@@ -91,24 +95,22 @@ class CooperativeConfig:
     """
 
     method: str = "fedavg"
-    rounds: int = 10
-    local_epochs: int = 2
-    mutual_weight: float = 1.0
-    mutual_temperature: float = 1.0
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise UserError(
-                f"unknown way of learning together '{self.method}': choose "
-                f"{' or '.join(METHODS)}"
-            )
-        if self.rounds < 1 or self.local_epochs < 1:
-            raise UserError("rounds and local_epochs must be 1 or more")
-        if self.mutual_weight < 0 or self.mutual_temperature <= 0:
-            raise UserError(
-                "mutual_weight must be 0 or more and mutual_temperature above 0"
-            )
+        self.check(METHODS)
+
+    @classmethod
+    def of_run(cls, cooperate: LearnTogether, train: TrainConfig):
+        """The settings of a run's ``cooperate`` section and its optimisation."""
+        return cls(
+            cooperate.method,
+            cooperate.rounds,
+            cooperate.local_epochs,
+            cooperate.mutual_weight,
+            cooperate.mutual_temperature,
+            train,
+        )
 
 
 @dataclass
@@ -349,7 +351,9 @@ def learn_together(
     *,
     workers: int = 0,
     ray_address: str | None = None,
+    worker_cpus: float = 1.0,
     checkpoint: Path | None = None,
+    starts: Sequence[Student] | None = None,
     progress: bool = True,
 ) -> CooperativeResult:
     """Train one student per part of the data, combined every round.
@@ -364,8 +368,13 @@ def learn_together(
         workers: Ray actors to train the clients on; 0 with no address trains
             them in this process.
         ray_address: a Ray cluster to join.
+        worker_cpus: CPUs each Ray actor reserves; 0 when the CPUs are held by
+            actors that sit idle meanwhile, such as a run's rollout workers.
         checkpoint: where the state after each round is written; an existing
             file of the same setting is resumed.
+        starts: for ``mutual``, each client's own student to start from (of
+            ``student``'s kind and size), e.g. the clients of an earlier
+            DAgger round; None starts every client from ``student``.
         progress: show a progress bar over rounds.
 
     Raises:
@@ -389,7 +398,12 @@ def learn_together(
         }
     sizes = [len(p) for p in parts]
 
-    start, states, peers, history = 0, [initial["state_dict"]] * len(parts), None, []
+    states = [initial["state_dict"]] * len(parts)
+    if starts is not None:
+        if config.method != "mutual" or len(starts) != len(parts):
+            raise ValueError("starts: one student per part, and for mutual only")
+        states = [student_state(s)["state_dict"] for s in starts]
+    start, peers, history = 0, None, []
     if checkpoint is not None and Path(checkpoint).exists():
         start, states, peers, history = _load(Path(checkpoint), config, sizes)
         logger.info("learning together: resuming after round %d", start)
@@ -405,7 +419,14 @@ def learn_together(
         from marlkd.rollout.ray_learner import RayClients
 
         runner = RayClients(
-            initial, parts, loss, config, shared, workers=workers, address=ray_address
+            initial,
+            parts,
+            loss,
+            config,
+            shared,
+            workers=workers,
+            address=ray_address,
+            num_cpus=worker_cpus,
         )
 
     try:
@@ -533,3 +554,75 @@ def _load(path: Path, config: CooperativeConfig, sizes: list[int]):
     if peers is not None:
         peers = [p.numpy() for p in peers]
     return int(state["rounds_done"]), states, peers, list(state["history"])
+
+
+# ------------------------------------------------- in a run's DAgger rounds
+def split_parts(data: Transitions, split: str, clients: int) -> list[Transitions]:
+    """Each client's own samples of ``data``.
+
+    ``agents``: client k keeps the samples of the signals i with i mod clients
+    = k; ``episodes``: client k keeps the episodes whose seed mod clients = k.
+
+    Raises:
+        UserError: samples without their episode's seed, or a client left
+            without samples.
+    """
+    if split == "agents":
+        key = data.agent
+    elif data.episode is None:
+        raise UserError(
+            "these samples do not record their episodes: split them by agents "
+            "(cooperate.split=agents), or collect them again"
+        )
+    else:
+        key = data.episode
+    parts = [data.subset(np.flatnonzero(key % clients == k)) for k in range(clients)]
+    empty = [k for k, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise UserError(
+            f"client(s) {empty} of {clients} get no samples split by {split}: "
+            "lower cooperate.clients or collect more episodes per round"
+        )
+    return parts
+
+
+def agents_of_clients(num_agents: int, clients: int) -> list[int]:
+    """Per agent index, the client that trains on it with the ``agents`` split."""
+    return [i % clients for i in range(num_agents)]
+
+
+@torch.no_grad()
+def client_scores(
+    students: Sequence[Student], loss: DistillationLoss, data: Transitions
+) -> tuple[list[float], list[float], float]:
+    """How the students fare on held-out samples.
+
+    Returns:
+        Each student's loss towards the teacher and agreement with it, and the
+        mean over pairs of students of the share of samples where their
+        choices differ (0 for one student).
+    """
+    from marlkd.distill.trainer import agreement
+
+    t = _tensors(data)
+    losses, agreements, choices = [], [], []
+    for student in students:
+        student.eval()
+        out = student(t["obs"], t["agent"], t["mask"])
+        value, _ = loss(
+            out,
+            mask=t["mask"],
+            teacher_scores=t["teacher_scores"],
+            teacher_action=t["teacher_action"],
+        )
+        losses.append(float(value))
+        agreements.append(
+            float(agreement(out.logits, t["teacher_scores"], t["mask"]).mean())
+        )
+        choices.append(out.logits.argmax(dim=1))
+    pairs = [
+        float((choices[a] != choices[b]).float().mean())
+        for a in range(len(choices))
+        for b in range(a + 1, len(choices))
+    ]
+    return losses, agreements, float(np.mean(pairs)) if pairs else 0.0
