@@ -6,7 +6,9 @@ Round k:
    the teacher's action with probability β_k and the student's otherwise; the
    teacher labels every state visited, whoever acted;
 2. aggregate: add the round's samples to those of all earlier rounds;
-3. train: fit the student to the aggregate with the weighted distillation loss.
+3. train: fit the student to the aggregate with the weighted distillation loss;
+   or, with ``cooperate.method`` fedavg or mutual, split the aggregate into
+   clients that learn together (:mod:`marlkd.distill.cooperative`).
 
 With β_k = 1 in every round this is behaviour cloning on the teacher's own
 state distribution; DAgger lowers β so the student also learns what to do in
@@ -15,10 +17,24 @@ the states its own mistakes lead to.
 Everything a round produces is on disk before the next begins (dataset round,
 student checkpoint, ``progress.json``), so ``resume`` picks up an interrupted
 run where it stopped.
+
+With clients that learn together, the student the run produces (its
+checkpoint, the behaviour policy of the next round, what ``marlkd evaluate``
+and ``marlkd export`` read) is: for ``fedavg``, the averaged student; for
+``mutual`` split by agents, a
+:class:`~marlkd.students.routing.RoutingStudent` in which every signal is
+driven by the client that trained on it; for ``mutual`` split by episodes,
+the client of best agreement with the teacher on the held-out samples (every
+client has seen every signal, so one of them can drive them all; averaging
+their logits would cost K networks at every decision). The clients of
+``mutual`` keep their own students from round to round
+(``checkpoints/clients.pt``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import time
@@ -28,25 +44,28 @@ import numpy as np
 import torch
 
 from marlkd.config import RunConfig, save_config
+from marlkd.distill import cooperative
 from marlkd.distill.dataset import DatasetFolder, Transitions
 from marlkd.distill.losses import DistillationLoss
-from marlkd.distill.trainer import Trainer
+from marlkd.distill.trainer import Trainer, _split
 from marlkd.envs.traffic.env import TrafficSignalEnv
 from marlkd.errors import UserError
 from marlkd.rl.dqn import greedy_episode, train_dqn
 from marlkd.rollout import make_collector
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.students import AgentLayout, make_student
-from marlkd.students.checkpoint import save_student
+from marlkd.students.checkpoint import load_student, save_student, student_state
 from marlkd.students.policy import StudentPolicy
+from marlkd.students.routing import RoutingStudent
 from marlkd.teachers.registry import make_teacher
 from marlkd.tracking import MetricWriter
-from marlkd.utils import atomic_write_text
+from marlkd.utils import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 VALIDATION_SEED = 9_000
 """Seed of learning-curve episodes: apart from training and held-out seeds."""
+CLIENTS_FORMAT = "marlkd.clients"
 
 
 def build_student(config: RunConfig, layout: AgentLayout) -> torch.nn.Module:
@@ -86,13 +105,25 @@ def distill(
         batcher = AgentBatcher(
             env.possible_agents, layout.max_obs_size, layout.max_actions
         )
+        co = config.cooperate
+        if co.method != "none" and co.split == "agents":
+            if co.clients > layout.num_agents:
+                raise UserError(
+                    f"cooperate.clients is {co.clients} with split agents, but "
+                    f"{env.scenario.name} has {layout.num_agents} signals: set "
+                    f"cooperate.clients to at most {layout.num_agents}, or "
+                    "cooperate.split=episodes"
+                )
         teacher = make_teacher(config.teacher, env)
         student = build_student(config, layout)
         student_path = run_dir / "checkpoints" / "student.pt"
+        clients_path = run_dir / "checkpoints" / "clients.pt"
+        clients = None
         if rounds_done and student_path.exists():
-            from marlkd.students.checkpoint import load_student
-
-            student.load_state_dict(load_student(student_path).state_dict())
+            # a routing student is of another kind than the one configured
+            student = load_student(student_path, layout)
+            if clients_path.exists():
+                clients = load_clients(clients_path, layout)
 
         loss = DistillationLoss(
             weights={
@@ -136,12 +167,12 @@ def distill(
                 "scenario": env.scenario.name,
             }
         )
-        policy = StudentPolicy(student, batcher)
         parts: list[Transitions] = [dataset.load_round(k) for k in range(rounds_done)]
         if c.reuse:
             parts.insert(0, reused_data(Path(c.reuse), dataset.read_meta()))
 
         for k in range(rounds_done, c.iterations):
+            policy = StudentPolicy(student, batcher)
             # collect: the first round, and every round of bc, is teacher-driven
             beta = c.beta_at(k)
             seeds = [
@@ -184,23 +215,34 @@ def distill(
             # train on the aggregate of every round so far
             started = time.perf_counter()
             aggregate = Transitions.concat(parts)
-            fit = trainer.fit(aggregate, k, progress=progress)
+            if co.method == "none":
+                fit = trainer.fit(aggregate, k, progress=progress)
+                figures = {
+                    "distill/best_val_loss": fit.best_val_loss,
+                    "distill/round_val_agreement": fit.val_agreement,
+                }
+                logger.info(
+                    "round %d: %d epochs, val loss %.4f, val agreement %.3f",
+                    k,
+                    fit.epochs,
+                    fit.best_val_loss,
+                    fit.val_agreement,
+                )
+            else:
+                student, clients, figures = learn_round_together(
+                    config, run_dir, k, aggregate, student, clients, loss,
+                    layout, trainer, writer, progress,
+                )  # fmt: skip
             writer.log(
                 trainer.global_epoch,
                 {
                     "distill/train_samples": len(aggregate),
-                    "distill/best_val_loss": fit.best_val_loss,
-                    "distill/round_val_agreement": fit.val_agreement,
+                    **figures,
                     "timers/train_s": time.perf_counter() - started,
                 },
             )
-            logger.info(
-                "round %d: %d epochs, val loss %.4f, val agreement %.3f",
-                k,
-                fit.epochs,
-                fit.best_val_loss,
-                fit.val_agreement,
-            )
+            if clients is not None:
+                save_clients(clients, clients_path)
             save_student(student, student_path)
             if c.validate:
                 figures = greedy_episode(env, student, batcher, VALIDATION_SEED)
@@ -214,6 +256,7 @@ def distill(
                 )
             state = {"rounds_done": k + 1, "global_epoch": trainer.global_epoch}
             atomic_write_text(progress_path, json.dumps(state))
+            _together_checkpoint(run_dir, k).unlink(missing_ok=True)
 
         if config.rl.episodes > 0 and not state.get("rl_done"):
             kickstart(
@@ -229,6 +272,118 @@ def distill(
         if collector is not None:
             collector.close()
         env.close()
+
+
+def learn_round_together(
+    config, run_dir, k, aggregate, student, clients, loss, layout, trainer, writer,
+    progress,
+):  # fmt: skip
+    """Round ``k``'s training by clients that learn together.
+
+    The aggregate loses the held-out share the central trainer would hold out
+    (the same rows), the rest is split into the clients' parts, and
+    ``learn_together`` trains them for ``cooperate.rounds`` rounds, on the
+    run's Ray workers when it has any. Its state after every round is in
+    ``checkpoints/together_round{k}.pt``, so an interrupted round resumes.
+
+    Returns:
+        The run's new student, the clients' students (``mutual``; None for
+        ``fedavg``, whose clients are the student) and the round's figures.
+    """
+    co, c = config.cooperate, config.collect
+    seed = config.train.seed + k
+    train_idx, val_idx = _split(len(aggregate), config.train.val_fraction, seed)
+    train, val = aggregate.subset(train_idx), aggregate.subset(val_idx)
+    parts = cooperative.split_parts(train, co.split, co.clients)
+    settings = cooperative.CooperativeConfig.of_run(
+        co, dataclasses.replace(config.train, seed=seed)
+    )
+    mutual = co.method == "mutual"
+    # mutual clients continue from their own students, once they have them
+    base = clients[0] if mutual and clients else student
+    result = cooperative.learn_together(
+        base,
+        parts,
+        loss,
+        settings,
+        workers=c.workers,
+        ray_address=c.ray_address,
+        # the rollout workers hold the Ray CPUs, idle while the clients train
+        worker_cpus=0.0,
+        checkpoint=_together_checkpoint(run_dir, k),
+        starts=clients if mutual and clients else None,
+        progress=progress,
+    )
+    for row in result.history:
+        trainer.global_epoch += 1
+        writer.log(
+            trainer.global_epoch,
+            {
+                "distill/round": k,
+                "distill/train_loss": row["distill/train_loss"],
+                "distill/mutual_loss": row["distill/mutual_loss"],
+                "timers/together_round_s": row["timers/round_s"],
+            },
+        )
+
+    # the student the run produces, scored on the held-out samples
+    students = result.students
+    losses, agreements, disagreement = cooperative.client_scores(students, loss, val)
+    if not mutual:
+        student, clients = result.shared, None
+    elif co.split == "agents":
+        assignment = cooperative.agents_of_clients(layout.num_agents, co.clients)
+        student, clients = RoutingStudent.of_clients(students, assignment), students
+    else:
+        best = int(np.argmax(agreements))
+        student, clients = students[best], students
+        logger.info("round %d: client %d drives every signal", k, best)
+    (val_loss,), (val_agreement,), _ = cooperative.client_scores([student], loss, val)
+    logger.info(
+        "round %d: %s of %d clients, val loss %.4f, val agreement %.3f "
+        "(clients %s), disagreement between clients %.3f",
+        k,
+        co.method,
+        co.clients,
+        val_loss,
+        val_agreement,
+        " ".join(f"{a:.3f}" for a in agreements),
+        disagreement,
+    )
+    figures = {
+        "distill/best_val_loss": val_loss,
+        "distill/round_val_agreement": val_agreement,
+        "distill/client_val_agreement_mean": float(np.mean(agreements)),
+        "distill/client_val_agreement_min": float(np.min(agreements)),
+        "distill/client_val_loss_mean": float(np.mean(losses)),
+        "distill/client_disagreement": disagreement,
+    }
+    return student, clients, figures
+
+
+def save_clients(clients, path: Path) -> None:
+    """Write the clients' students, as plain data, atomically."""
+    buffer = io.BytesIO()
+    torch.save(
+        {"format": CLIENTS_FORMAT, "clients": [student_state(s) for s in clients]},
+        buffer,
+    )
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_clients(path: Path, layout: AgentLayout) -> list:
+    """The clients' students written by ``save_clients``."""
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(state, dict) or state.get("format") != CLIENTS_FORMAT:
+        raise UserError(
+            f"{path} holds no clients of students learning together: delete it "
+            "to start the clients from the run's student"
+        )
+    return [load_student(s, layout) for s in state["clients"]]
+
+
+def _together_checkpoint(run_dir: Path, k: int) -> Path:
+    return run_dir / "checkpoints" / f"together_round{k}.pt"
 
 
 def kickstart(config, run_dir, env, student, collector, batcher, writer, progress):
