@@ -6,6 +6,10 @@ curve sits beside a distilled student's:
 
     config.yaml  checkpoints/student.pt  metrics.csv  tensorboard/
     rl_curve.json  results.json  results.md
+
+While training, ``checkpoints/rl_state.pt`` holds the whole training state of
+the last finished iteration (DQN) or update (PPO); a run that finds it, as
+``train-teacher --resume`` does, continues from there.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from marlkd.config import TeacherConfig, save_config
 from marlkd.envs.traffic.env import TrafficSignalEnv
 from marlkd.evaluate import TABLE_KEYS, decision_latency_us, format_table, simulate
 from marlkd.rl.dqn import train_dqn
-from marlkd.rl.ppo import train_ppo
+from marlkd.rl.ppo import check_fits, read_training_state, train_ppo
 from marlkd.rollout import make_collector
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.students import AgentLayout, make_student
@@ -40,7 +44,12 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
     """Train ``config.network`` with DQN or PPO, then evaluate it on held-out seeds.
 
     The training episodes run in this process, or on ``config.workers`` Ray
-    workers; the greedy evaluations run in this process.
+    workers; the greedy evaluations run in this process. Training continues
+    from ``checkpoints/rl_state.pt`` when the run folder holds one.
+
+    Raises:
+        UserError: the training state in the run folder does not fit the
+            config (another algorithm, scenario or network).
     """
     run_dir = Path(run_dir)
     save_config(config, run_dir / "config.yaml")
@@ -52,6 +61,7 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
     # "global" train a central teacher on its neighbours' observations too.
     observe = config.observe
     checkpoint = run_dir / "checkpoints" / "student.pt"
+    rl_state = run_dir / "checkpoints" / "rl_state.pt"
     try:
         n = config.network
         if observe == "local":
@@ -78,13 +88,14 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
             )
 
             started = time.perf_counter()
+            if config.algorithm == "dqn" and rl_state.exists():
+                # train_dqn loads its state unchecked: refuse a misfit here, in
+                # one line (train_ppo checks its own)
+                state = read_training_state(rl_state, "dqn")
+                check_fits(rl_state, state, {"network": network})
+                del state
             train = train_dqn if config.algorithm == "dqn" else train_ppo
             settings = config.rl if config.algorithm == "dqn" else config.ppo
-            resumable = (
-                {"checkpoint": run_dir / "checkpoints" / "rl_state.pt"}
-                if config.algorithm == "dqn"
-                else {}
-            )
             curve = train(
                 env,
                 network,
@@ -92,8 +103,8 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
                 batcher=batcher,
                 collector=collector,
                 writer=writer,
+                checkpoint=rl_state,
                 progress=progress,
-                **resumable,
             )
             train_s = time.perf_counter() - started
             save_student(network, checkpoint)
@@ -113,6 +124,7 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
                 progress=progress,
                 workers=config.workers,
                 ray_address=config.ray_address,
+                checkpoint=rl_state,
             )
             train_s = time.perf_counter() - started
             network = policy.student

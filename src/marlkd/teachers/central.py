@@ -183,6 +183,7 @@ def train_central_teacher(
     progress: bool = True,
     workers: int = 0,
     ray_address: str | None = None,
+    checkpoint: Path | None = None,
 ) -> tuple[CentralTeacher, list[dict]]:
     """Train a central teacher with DQN on ``env``'s neighbourhood views.
 
@@ -199,11 +200,18 @@ def train_central_teacher(
         workers, ray_address: where the training episodes run (see
             ``marlkd.rollout.make_collector``); each Ray worker builds the
             same views around its own simulation.
+        checkpoint: where ``train_dqn`` keeps its training state; when it
+            exists, training resumes from it.
 
     Returns:
         The trained teacher, and ``train_dqn``'s evaluation curve.
+
+    Raises:
+        UserError: ``checkpoint`` holds a state of another algorithm, or of a
+            network of other sizes (another scenario, ``observe`` or ``k``).
     """
     from marlkd.rl.dqn import train_dqn
+    from marlkd.rl.ppo import check_fits, read_training_state
     from marlkd.rollout import make_collector
 
     if kind != "mlp":
@@ -230,6 +238,11 @@ def train_central_teacher(
         wrapped.view.obs_size,
         network.num_parameters(),
     )
+    if checkpoint is not None and Path(checkpoint).exists():
+        # train_dqn loads its state unchecked: refuse a misfit in one line
+        state = read_training_state(Path(checkpoint), "dqn")
+        check_fits(Path(checkpoint), state, {"network": network})
+        del state
     collector = make_collector(
         wrapped,
         None,
@@ -248,6 +261,7 @@ def train_central_teacher(
             collector=collector,
             writer=writer,
             eval_seed=eval_seed,
+            checkpoint=checkpoint,
             progress=progress,
         )
     finally:
