@@ -279,3 +279,61 @@ def test_evaluate_a_student_of_another_scenario(tmp_path, cross_run, grid_studen
 def test_evaluate_bad_flags(tmp_path, cross_run, flags, needle):
     result = run_cli("evaluate", cross_run, *flags, cwd=tmp_path)
     assert_one_line_error(result, needle)
+
+
+# ------------------------------------------------------- learning together
+COOPERATIVE = ["--scenario", "grid2x2", "--duration", "300", "--set",
+               "collect.iterations=2", "--set", "collect.episodes_per_iteration=2",
+               "--set", "cooperate.clients=2", "--set", "cooperate.rounds=2",
+               "--set", "student.kind=mlp", "--set", "eval.episodes=1"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("method", "split", "kind"),
+    [("fedavg", "episodes", "mlp"), ("mutual", "agents", "routing")],
+)
+def test_cooperative_distill_evaluate_export(tmp_path, capsys, method, split, kind):
+    run = tmp_path / "run"
+    code = main(
+        ["--log-level", "WARNING", "distill", "--out", str(run), *COOPERATIVE,
+         "--set", f"cooperate.method={method}", "--set", f"cooperate.split={split}"]
+    )  # fmt: skip
+    assert code == 0
+    assert "| student |" in capsys.readouterr().out
+    assert load_config(run / "config.yaml").cooperate.method == method
+    student = load_student(run / "checkpoints" / "student.pt")
+    assert student.kind == kind
+    results = json.loads((run / "results.json").read_text())
+    assert 0.0 <= results["controllers"]["student"]["mean"]["agreement"] <= 1.0
+
+    assert main(["--log-level", "WARNING", "export", str(run)]) == 0
+    assert f"the {kind} student" in capsys.readouterr().out
+    assert (run / "export" / "student.onnx").exists()
+
+
+def test_cooperative_preset_is_a_valid_config():
+    preset = Path(__file__).resolve().parents[1] / "configs" / "cooperative.yaml"
+    config = load_config(preset)
+    assert (config.cooperate.method, config.cooperate.split) == ("mutual", "agents")
+    assert config.student.kind == "mlp"  # so that its routing student exports
+
+
+def test_routing_student_of_phase_clients_cannot_export(tmp_path):
+    run = tmp_path / "run"
+    code = main(
+        ["--log-level", "WARNING", "distill", "--out", str(run), "--no-eval",
+         *COOPERATIVE, "--set", "student.kind=phase",
+         "--set", "cooperate.method=mutual"]
+    )  # fmt: skip
+    assert code == 0
+    result = run_cli("export", run, cwd=tmp_path)
+    assert_one_line_error(result, "routing student of phase clients", "mlp")
+
+
+def test_more_clients_than_signals_is_one_line(tmp_path):
+    result = run_cli(
+        "distill", "--out", "run", *COOPERATIVE, "--set", "cooperate.clients=5",
+        "--set", "cooperate.method=mutual", cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_line_error(result, "cooperate.clients", "4 signals")
+    assert not (tmp_path / "run").exists()

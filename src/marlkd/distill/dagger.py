@@ -167,7 +167,10 @@ def distill(
                 "scenario": env.scenario.name,
             }
         )
-        parts: list[Transitions] = [dataset.load_round(k) for k in range(rounds_done)]
+        parts: list[Transitions] = [
+            with_episodes(dataset.load_round(k), round_seeds(c, k))
+            for k in range(rounds_done)
+        ]
         if c.reuse:
             parts.insert(0, reused_data(Path(c.reuse), dataset.read_meta()))
 
@@ -175,10 +178,7 @@ def distill(
             policy = StudentPolicy(student, batcher)
             # collect: the first round, and every round of bc, is teacher-driven
             beta = c.beta_at(k)
-            seeds = [
-                c.seed + k * c.episodes_per_iteration + j
-                for j in range(c.episodes_per_iteration)
-            ]
+            seeds = round_seeds(c, k)
             if dataset.has_round(k):
                 data = dataset.load_round(k)
                 logger.info("round %d: reusing %d collected samples", k, len(data))
@@ -210,7 +210,7 @@ def distill(
                     len(data),
                     np.mean([e["avg_delay_s"] for e in episodes]),
                 )
-            parts.append(data)
+            parts.append(with_episodes(data, seeds))
 
             # train on the aggregate of every round so far
             started = time.perf_counter()
@@ -380,6 +380,27 @@ def load_clients(path: Path, layout: AgentLayout) -> list:
             "to start the clients from the run's student"
         )
     return [load_student(s, layout) for s in state["clients"]]
+
+
+def round_seeds(c, k: int) -> list[int]:
+    """The seeds of round ``k``'s episodes."""
+    return [
+        c.seed + k * c.episodes_per_iteration + j
+        for j in range(c.episodes_per_iteration)
+    ]
+
+
+def with_episodes(data: Transitions, seeds: list[int]) -> Transitions:
+    """A round's samples with each one's episode seed, when they lack it.
+
+    A round holds its episodes one after another, each of as many samples
+    (every signal decides at every step of an episode of fixed length), so
+    its samples fall into equal blocks, one per seed.
+    """
+    if data.episode is not None or len(data) % len(seeds):
+        return data
+    episode = np.repeat(np.asarray(seeds, dtype=np.int64), len(data) // len(seeds))
+    return dataclasses.replace(data, episode=episode)
 
 
 def _together_checkpoint(run_dir: Path, k: int) -> Path:
