@@ -45,6 +45,7 @@ from marlkd.distill.dataset import Transitions
 from marlkd.distill.losses import kl_loss
 from marlkd.rl.behaviour import EpsilonGreedy
 from marlkd.rl.config import RLConfig
+from marlkd.rl.state import check_fits, read_training_state
 from marlkd.rollout import LocalCollector, warn_idle_workers
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.tracking import MetricWriter
@@ -276,6 +277,7 @@ def _save_state(path, episode, env_steps, updates, curve, network, target,
     """Everything an interrupted run needs, written atomically."""
     arrays = {k: v for k, v in vars(buffer).items() if isinstance(v, np.ndarray)}
     state = {
+        "algorithm": "dqn",
         "episode": episode,
         "env_steps": env_steps,
         "updates": updates,
@@ -295,7 +297,9 @@ def _save_state(path, episode, env_steps, updates, curve, network, target,
 
 
 def _load_state(path, network, target, optimizer, buffer, rng):
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    path = Path(path)
+    state = read_training_state(path, "dqn")
+    check_fits(path, state, {"network": network, "target": target})
     network.load_state_dict(state["network"])
     target.load_state_dict(state["target"])
     optimizer.load_state_dict(state["optimizer"])

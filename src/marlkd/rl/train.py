@@ -26,7 +26,7 @@ from marlkd.config import TeacherConfig, save_config
 from marlkd.envs.traffic.env import TrafficSignalEnv
 from marlkd.evaluate import TABLE_KEYS, decision_latency_us, format_table, simulate
 from marlkd.rl.dqn import train_dqn
-from marlkd.rl.ppo import check_fits, read_training_state, train_ppo
+from marlkd.rl.ppo import train_ppo
 from marlkd.rollout import make_collector
 from marlkd.rollout.batching import AgentBatcher
 from marlkd.students import AgentLayout, make_student
@@ -88,12 +88,6 @@ def train_teacher(config: TeacherConfig, run_dir: Path, progress: bool = True) -
             )
 
             started = time.perf_counter()
-            if config.algorithm == "dqn" and rl_state.exists():
-                # train_dqn loads its state unchecked: refuse a misfit here, in
-                # one line (train_ppo checks its own)
-                state = read_training_state(rl_state, "dqn")
-                check_fits(rl_state, state, {"network": network})
-                del state
             train = train_dqn if config.algorithm == "dqn" else train_ppo
             settings = config.rl if config.algorithm == "dqn" else config.ppo
             curve = train(

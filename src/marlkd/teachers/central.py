@@ -211,7 +211,6 @@ def train_central_teacher(
             network of other sizes (another scenario, ``observe`` or ``k``).
     """
     from marlkd.rl.dqn import train_dqn
-    from marlkd.rl.ppo import check_fits, read_training_state
     from marlkd.rollout import make_collector
 
     if kind != "mlp":
@@ -238,11 +237,6 @@ def train_central_teacher(
         wrapped.view.obs_size,
         network.num_parameters(),
     )
-    if checkpoint is not None and Path(checkpoint).exists():
-        # train_dqn loads its state unchecked: refuse a misfit in one line
-        state = read_training_state(Path(checkpoint), "dqn")
-        check_fits(Path(checkpoint), state, {"network": network})
-        del state
     collector = make_collector(
         wrapped,
         None,
