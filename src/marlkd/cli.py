@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from marlkd.errors import UserError
@@ -288,10 +289,11 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         config.validate()
     else:
         config = config_from_args(args, TeacherConfig)
-    out = args.out or "runs/{}-{}-dqn-{}".format(
+    out = args.out or "runs/{}-{}-{}-{}".format(
         config.scenario.name or "user",
         config.network.kind,
-        __import__("time").strftime("%Y%m%d-%H%M%S"),
+        config.algorithm,
+        time.strftime("%Y%m%d-%H%M%S"),
     )
     run_dir = Path(out)
     if (run_dir / "checkpoints").exists() and not args.resume:
@@ -444,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML preset (see `marlkd config --teacher`)")
     add_scenario_args(p)
     p.add_argument(
-        "--out", help="run folder (default runs/<scenario>-<network>-dqn-...)"
+        "--out",
+        help="run folder (default runs/<scenario>-<network>-<algorithm>-<time>)",
     )
     p.add_argument(
         "--resume",
