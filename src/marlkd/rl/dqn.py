@@ -230,19 +230,12 @@ def train_dqn(
         if losses:
             for key in losses[0]:
                 metrics[f"rl/{key}"] = float(np.mean([p[key] for p in losses]))
-        if config.eval_every and (
-            episode // config.eval_every > first // config.eval_every
-            or episode == config.episodes
-        ):
-            figures = greedy_episode(env, network, batcher, eval_seed)
+        figures = evaluate_when_due(
+            env, network, batcher, config, first, episode, env_steps, eval_seed
+        )
+        if figures is not None:
             metrics["rl/eval_avg_delay_s"] = figures["avg_delay_s"]
-            curve.append({"env_steps": env_steps, "episode": episode, **figures})
-            logger.info(
-                "episode %d (%d env steps): greedy delay %.2f s",
-                episode,
-                env_steps,
-                figures["avg_delay_s"],
-            )
+            curve.append(figures)
         if writer is not None:
             writer.log(env_steps, metrics)
         if checkpoint is not None:
@@ -310,6 +303,29 @@ def _load_state(path, network, target, optimizer, buffer, rng):
     torch.set_rng_state(state["torch_rng"])
     curve = json.loads(state["curve"])
     return int(state["episode"]), int(state["env_steps"]), int(state["updates"]), curve
+
+
+def evaluate_when_due(
+    env, network, batcher, config, first: int, episode: int, env_steps: int,
+    seed: int,
+) -> dict | None:  # fmt: skip
+    """A greedy episode on ``seed`` if one is due after episodes first..episode-1.
+
+    One is due when the iteration passed a multiple of ``config.eval_every``,
+    or ended the training. Returns the curve record (``env_steps``,
+    ``episode`` and the network figures), or None.
+    """
+    every = config.eval_every
+    if not every or (episode // every == first // every and episode < config.episodes):
+        return None
+    figures = greedy_episode(env, network, batcher, seed)
+    logger.info(
+        "episode %d (%d env steps): greedy delay %.2f s",
+        episode,
+        env_steps,
+        figures["avg_delay_s"],
+    )
+    return {"env_steps": env_steps, "episode": episode, **figures}
 
 
 def greedy_episode(env, network, batcher: AgentBatcher, seed: int) -> dict:

@@ -68,7 +68,7 @@ from marlkd.distill.losses import kl_loss
 from marlkd.errors import UserError
 from marlkd.rl.behaviour import Sampling
 from marlkd.rl.config import PPOConfig
-from marlkd.rl.dqn import decision_sizes, episode_returns, greedy_episode
+from marlkd.rl.dqn import decision_sizes, episode_returns, evaluate_when_due
 from marlkd.rl.state import check_fits, read_training_state
 from marlkd.rollout import LocalCollector, warn_idle_workers
 from marlkd.rollout.batching import AgentBatcher
@@ -409,19 +409,12 @@ def train_ppo(
             "timers/rl_collect_s": collect_s,
             "timers/rl_update_s": time.perf_counter() - started - collect_s,
         }
-        if config.eval_every and (
-            episode // config.eval_every > first // config.eval_every
-            or episode == config.episodes
-        ):
-            figures = greedy_episode(env, policy_network, batcher, eval_seed)
+        figures = evaluate_when_due(
+            env, policy_network, batcher, config, first, episode, env_steps, eval_seed
+        )
+        if figures is not None:
             metrics["rl/eval_avg_delay_s"] = figures["avg_delay_s"]
-            curve.append({"env_steps": env_steps, "episode": episode, **figures})
-            logger.info(
-                "episode %d (%d env steps): greedy delay %.2f s",
-                episode,
-                env_steps,
-                figures["avg_delay_s"],
-            )
+            curve.append(figures)
         if writer is not None:
             writer.log(env_steps, metrics)
         if checkpoint is not None:
