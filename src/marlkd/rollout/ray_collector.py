@@ -348,16 +348,10 @@ class RayCollector:
     def _failed(self, exc, w: int, seed: int, attempts: list, position: int) -> None:
         """Replace worker ``w`` after ``exc``, or raise when retrying is futile."""
         ray = import_ray()
-        cause = _cause(exc)
-        if isinstance(cause, UserError):
-            raise cause from exc
         attempts[position] += 1
-        reason = _first_line(cause)
-        if attempts[position] >= self.max_attempts:
-            raise RuntimeError(
-                f"the episode of seed {seed} failed {attempts[position]} times on "
-                f"fresh workers, last with: {reason}"
-            ) from exc
+        reason = retry_reason(
+            exc, attempts[position], self.max_attempts, f"the episode of seed {seed}"
+        )
         logger.warning(
             "worker %d failed on the episode of seed %d (%s): replacing it and "
             "running the episode again",
@@ -439,6 +433,24 @@ def _portable_teacher(teacher: str) -> str:
     if teacher in CONTROLLERS or not Path(teacher).exists():
         return teacher
     return str(Path(teacher).resolve())
+
+
+def retry_reason(exc: BaseException, attempts: int, max_attempts: int, what: str):
+    """Why a worker failed at ``what``, in one line, when a fresh one may not.
+
+    Raises:
+        UserError: the input is at fault; a fresh worker would fail the same.
+        RuntimeError: ``what`` failed ``max_attempts`` times already.
+    """
+    cause = _cause(exc)
+    if isinstance(cause, UserError):
+        raise cause from exc
+    reason = _first_line(cause)
+    if attempts >= max_attempts:
+        raise RuntimeError(
+            f"{what} failed {attempts} times on fresh workers, last with: {reason}"
+        ) from exc
+    return reason
 
 
 def _cause(exc: BaseException) -> BaseException:

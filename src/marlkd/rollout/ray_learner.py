@@ -26,7 +26,12 @@ import numpy as np
 from marlkd.distill.dataset import Transitions
 from marlkd.distill.losses import DistillationLoss
 from marlkd.errors import UserError
-from marlkd.rollout.ray_collector import _cause, _first_line, _init_ray, _wait_ready
+from marlkd.rollout.ray_collector import (
+    _cause,
+    _init_ray,
+    _wait_ready,
+    retry_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -184,16 +189,10 @@ class RayClients:
     def _failed(self, exc, w: int, attempts: list[int]) -> None:
         """Replace actor ``w`` after ``exc``, or raise when retrying is futile."""
         ray = import_ray()
-        cause = _cause(exc)
-        if isinstance(cause, UserError):
-            raise cause from exc
         attempts[w] += 1
-        reason = _first_line(cause)
-        if attempts[w] >= self.max_attempts:
-            raise RuntimeError(
-                f"training clients {self._assigned[w]} failed {attempts[w]} times "
-                f"on fresh workers, last with: {reason}"
-            ) from exc
+        reason = retry_reason(
+            exc, attempts[w], self.max_attempts, f"training clients {self._assigned[w]}"
+        )
         logger.warning(
             "worker %d failed training clients %s (%s): replacing it and training "
             "them again from the round's start",
