@@ -237,15 +237,10 @@ class RayCollector:
         )
         self._actor = ray.remote(num_cpus=1, max_restarts=0)(CollectorWorker)
         self._workers = [self._actor.remote() for _ in range(workers)]
-        try:
-            # build every simulation now, so that bad settings fail here
-            pids = _wait_ready(ray, [w.setup.remote(self._spec) for w in self._workers])
-        except ray.exceptions.RayError as exc:
-            self.close()
-            cause = _cause(exc)
-            if isinstance(cause, UserError):
-                raise cause from exc
-            raise
+        # build every simulation now, so that bad settings fail here
+        pids = start_or_close(
+            ray, [w.setup.remote(self._spec) for w in self._workers], self.close
+        )
         logger.info(
             "collecting on %d Ray workers (pids %s)",
             len(pids),
@@ -433,6 +428,22 @@ def _portable_teacher(teacher: str) -> str:
     if teacher in CONTROLLERS or not Path(teacher).exists():
         return teacher
     return str(Path(teacher).resolve())
+
+
+def start_or_close(ray, tasks: list, close) -> list:
+    """The results of the workers' set-up ``tasks``; ``close`` them if one fails.
+
+    Raises:
+        UserError: a worker refused the settings (raised there, passed on).
+    """
+    try:
+        return _wait_ready(ray, tasks)
+    except ray.exceptions.RayError as exc:
+        close()
+        cause = _cause(exc)
+        if isinstance(cause, UserError):
+            raise cause from exc
+        raise
 
 
 def retry_reason(exc: BaseException, attempts: int, max_attempts: int, what: str):

@@ -27,10 +27,9 @@ from marlkd.distill.dataset import Transitions
 from marlkd.distill.losses import DistillationLoss
 from marlkd.errors import UserError
 from marlkd.rollout.ray_collector import (
-    _cause,
     _init_ray,
-    _wait_ready,
     retry_reason,
+    start_or_close,
 )
 
 logger = logging.getLogger(__name__)
@@ -130,15 +129,8 @@ class RayClients:
             ray.put(None if shared is None else dict(shared)),
         )
         self._actor = ray.remote(num_cpus=num_cpus, max_restarts=0)(LearnerWorker)
-        try:
-            self._actors = [self._actor.remote() for _ in range(workers)]
-            pids = _wait_ready(ray, [self._build(w) for w in range(workers)])
-        except ray.exceptions.RayError as exc:
-            self.close()
-            cause = _cause(exc)
-            if isinstance(cause, UserError):
-                raise cause from exc
-            raise
+        self._actors = [self._actor.remote() for _ in range(workers)]
+        pids = start_or_close(ray, [self._build(w) for w in range(workers)], self.close)
         logger.info(
             "training %d clients on %d Ray workers (pids %s)",
             len(parts),
